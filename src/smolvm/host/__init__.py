@@ -1,0 +1,1 @@
+"""Host capability checks (KVM speed probe, ...)."""
