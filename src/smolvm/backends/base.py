@@ -1,0 +1,85 @@
+"""The hypervisor-backend interface. The manager decides *what* to run; a backend knows *how*.
+
+A launched VM process must outlive the Python process that started it (any process may
+reconnect through the state store), so backends start it in its own session and return
+its pid; all later operations go through the VM's control socket (QMP / Firecracker API).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass
+class DiskSpec:
+    path: Path
+    format: Literal["qcow2", "raw"] = "qcow2"
+    read_only: bool = False
+    #: Stable id used as the device id (must be identical for snapshot restore).
+    id: str = "d0"
+
+
+@dataclass
+class NetSpec:
+    #: "user": QEMU user-mode NAT (rootless); "tap": an existing TAP device.
+    mode: Literal["user", "tap"]
+    mac: str
+    #: user mode: (host_port, guest_port) forwards, always bound on 127.0.0.1.
+    forwards: list[tuple[int, int]] = field(default_factory=list)
+    tap_device: str | None = None
+
+
+@dataclass
+class LaunchSpec:
+    """Everything needed to start one VM. Paths are absolute."""
+
+    vm_id: str
+    vm_dir: Path
+    kernel: Path
+    initrd: Path | None
+    disks: list[DiskSpec]
+    boot_args: str
+    vcpus: int
+    mem_mib: int
+    #: Guest serial console is appended to this file.
+    serial_log: Path
+    #: Host end of the guest-agent channel (virtio-serial chardev or Firecracker vsock UDS).
+    agent_socket: Path
+    #: Control socket (QMP for QEMU, API socket for Firecracker).
+    control_socket: Path
+    net: NetSpec | None = None
+    #: "kvm" | "tcg" — QEMU only; Firecracker always uses KVM.
+    accel: str = "tcg"
+    #: Restore from this saved state instead of booting (see snapshots).
+    incoming: Path | None = None
+    #: Backend process stdout/stderr go here.
+    process_log: Path | None = None
+
+
+class Backend(abc.ABC):
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def check_prerequisites(self) -> list[str]:
+        """Human-readable problems that prevent this backend from running (empty = ok)."""
+
+    @abc.abstractmethod
+    def launch(self, spec: LaunchSpec) -> int:
+        """Start the VM process detached and return its pid. Does not wait for boot."""
+
+    @abc.abstractmethod
+    def request_shutdown(self, spec: LaunchSpec) -> None:
+        """Ask the guest/VMM to shut down (ACPI, Ctrl-Alt-Del, ...). Returns at once."""
+
+    @abc.abstractmethod
+    def pause(self, spec: LaunchSpec) -> None: ...
+
+    @abc.abstractmethod
+    def resume(self, spec: LaunchSpec) -> None: ...
+
+    @abc.abstractmethod
+    def save_state(self, spec: LaunchSpec, state_path: Path) -> None:
+        """Pause the VM and write its memory + device state to ``state_path``."""

@@ -1,0 +1,85 @@
+#!/usr/lib/smolvm/sh
+# SmolVM guest init, run as PID 1 after switch_root. Sets up mounts, identity, network and
+# SSH from the per-VM config disk, then hands PID 1 to the agent (which reaps orphans and
+# powers off cleanly). Only busybox applets (static) are used: dynamic execs cost ~50 ms
+# each under TCG.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+$B mount -t devtmpfs dev /dev 2>/dev/null
+$B mkdir -p /dev/pts /dev/shm /run
+$B mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+$B mount -t tmpfs -o mode=1777 shm /dev/shm
+$B mount -t tmpfs -o mode=755 run /run
+$B mkdir -p /run/smolvm/config /run/lock /var/log
+$B hostname -F /etc/hostname 2>/dev/null
+
+cmdline=$($B cat /proc/cmdline)
+net=""; resize=""
+for arg in $cmdline; do
+  case "$arg" in
+    smolvm.net=*) net="${arg#smolvm.net=}" ;;
+    smolvm.resize=*) resize="${arg#smolvm.resize=}" ;;
+  esac
+done
+
+rootdev=$($B cat /.smolvm-rootdev 2>/dev/null)
+for d in /dev/vd?; do
+  [ "$d" = "$rootdev" ] && continue
+  if [ "$($B dd if="$d" bs=1 skip=257 count=5 2>/dev/null)" = "ustar" ]; then
+    $B tar -xf "$d" -C /run/smolvm/config 2>/dev/null
+    break
+  fi
+done
+C=/run/smolvm/config
+if [ -s $C/hostname ]; then
+  h=$($B cat $C/hostname)
+  $B hostname "$h"
+  echo "$h" > /etc/hostname
+  echo "127.0.0.1 localhost
+127.0.1.1 $h" > /etc/hosts
+fi
+if [ -f $C/authorized_keys ]; then
+  $B mkdir -p /root/.ssh
+  $B cp $C/authorized_keys /root/.ssh/authorized_keys
+  $B chmod 700 /root/.ssh
+  $B chmod 600 /root/.ssh/authorized_keys
+fi
+if [ -f $C/env.sh ]; then
+  $B cp $C/env.sh /etc/profile.d/smolvm_env.sh
+  $B chmod 644 /etc/profile.d/smolvm_env.sh
+fi
+
+$B ip link set lo up
+if [ -n "$net" ]; then
+  # smolvm.net=<ip>/<prefix>,<gateway>,<dns>
+  addr="${net%%,*}"; rest="${net#*,}"; gw="${rest%%,*}"; dns="${rest#*,}"
+  $B ip link set eth0 up 2>/dev/null
+  $B ip addr add "$addr" dev eth0 2>/dev/null
+  [ -n "$gw" ] && $B ip route add default via "$gw" 2>/dev/null
+  [ -n "$dns" ] && echo "nameserver $dns" > /etc/resolv.conf
+fi
+if [ "$resize" = "1" ] && [ -n "$rootdev" ]; then
+  (resize2fs "$rootdev" >/dev/null 2>&1 &)
+fi
+
+waitport=""
+if [ -x /usr/sbin/dropbear ] && [ -f $C/ssh_host_ed25519_key ]; then
+  $B mkdir -p /etc/dropbear
+  $B cp $C/ssh_host_ed25519_key /etc/dropbear/dropbear_ed25519_host_key
+  $B chmod 600 /etc/dropbear/dropbear_ed25519_host_key
+  pwopt="-s"
+  [ -f /etc/smolvm/password-auth ] && pwopt=""
+  /usr/sbin/dropbear -r /etc/dropbear/dropbear_ed25519_host_key -p 22 $pwopt
+  waitport="--ready-wait-port 22"
+fi
+
+if [ -x /usr/lib/smolvm/agent ]; then
+  exec /usr/lib/smolvm/agent --pid1 $waitport
+fi
+# No agent in this image: announce readiness and stay PID 1, reaping orphans.
+echo SMOLVM_READY > /dev/console
+trap '$B kill -TERM -1; $B sync; $B mount -o remount,ro /; $B reboot -f' TERM INT
+while :; do wait; $B sleep 1; done

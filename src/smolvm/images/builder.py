@@ -1,0 +1,326 @@
+"""ImageBuilder: guest images built offline from Debian packages, cached by their inputs.
+
+An image is a directory ``<image_dir>/<name>/`` holding ``vmlinux`` (PVH kernel),
+``initrd.cpio`` (stage-1: busybox + modules), ``rootfs.ext4`` and ``manifest.json``.
+The slow parts (kernel download, debootstrap) are cached separately and shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from smolvm.exceptions import ImageError, ValidationError
+from smolvm.images import kernel as kmod
+from smolvm.images import rootfs as rfs
+from smolvm.images.cpio import CpioWriter
+from smolvm.paths import resolve_data_dir, resolve_image_dir
+
+log = logging.getLogger("smolvm.images")
+
+BUILDER_VERSION = "1"
+DEFAULT_IMAGE = "default"
+GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
+STAGE1_MODULES = [
+    "virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "ext4",
+    "vmw_vsock_virtio_transport",
+]
+# crc32c-intel fails to load under TCG and costs 100 ms; crc32c_generic serves ext4.
+SKIP_MODULES = {"crc32c-intel"}
+BUSYBOX_APPLETS = [
+    "sh", "mount", "umount", "insmod", "switch_root", "cat", "usleep", "echo",
+    "poweroff", "mkdir", "sleep", "ls", "dd",
+]
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ImageArtifacts:
+    """A built image. Pass ``kernel``/``rootfs`` to ``VMConfig``; the initrd is found
+    from the kernel's directory."""
+
+    name: str
+    path: Path
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    manifest: dict
+
+    @property
+    def has_agent(self) -> bool:
+        return bool(self.manifest.get("agent"))
+
+    @property
+    def has_ssh(self) -> bool:
+        return bool(self.manifest.get("ssh"))
+
+
+def _sha(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _agent_sources() -> list[Path]:
+    try:
+        from smolvm.guest import AGENT_SOURCES
+    except ImportError:
+        return []
+    return [Path(p) for p in AGENT_SOURCES]
+
+
+def load_manifest(image_dir: Path) -> dict | None:
+    try:
+        return json.loads((image_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def artifacts_for_kernel(kernel_path: Path) -> ImageArtifacts | None:
+    """The image a kernel file belongs to (so a config naming only kernel+rootfs gets its initrd)."""
+    d = Path(kernel_path).resolve().parent
+    m = load_manifest(d)
+    if m is None:
+        return None
+    return ImageArtifacts(m["name"], d, d / "vmlinux", d / "initrd.cpio", d / "rootfs.ext4", m)
+
+
+class ImageBuilder:
+    """Builds and caches guest images. ``cache_dir`` defaults to ``<data_dir>/images``
+    (or ``$SMOLVM_IMAGE_DIR``)."""
+
+    def __init__(self, cache_dir: Path | str | None = None, *, progress: Progress | None = None) -> None:
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else resolve_image_dir(resolve_data_dir())
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._progress = progress
+
+    # ---------------------------------------------------------------- helpers
+    def _say(self, msg: str) -> None:
+        log.info(msg)
+        if self._progress:
+            self._progress(msg)
+
+    @contextlib.contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        """Serialise builds of one artefact across processes."""
+        lock = self.cache_dir / f".{name}.lock"
+        with open(lock, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _local_inputs_key(self, packages: list[str], size_mb: int, password: str | None, distro: str) -> str:
+        files = [GUEST_DIR / "init.sh", GUEST_DIR / "stage1-init.sh", *_agent_sources()]
+        blobs = [p.read_bytes() for p in files if p.exists()]
+        return _sha(BUILDER_VERSION, distro, ",".join(packages), str(size_mb), password or "", *blobs)
+
+    # ---------------------------------------------------------------- public API
+    def image_path(self, name: str) -> Path:
+        return self.cache_dir / name
+
+    def get(self, name: str = DEFAULT_IMAGE) -> ImageArtifacts | None:
+        d = self.image_path(name)
+        m = load_manifest(d)
+        if m is None or not all((d / f).exists() for f in ("vmlinux", "initrd.cpio", "rootfs.ext4")):
+            return None
+        return ImageArtifacts(name, d, d / "vmlinux", d / "initrd.cpio", d / "rootfs.ext4", m)
+
+    def is_current(self, name: str = DEFAULT_IMAGE) -> bool:
+        art = self.get(name)
+        if art is None:
+            return False
+        m = art.manifest
+        want = self._local_inputs_key(m.get("packages", []), m.get("rootfs_size_mb", 0),
+                                      None, m.get("distro", "debian"))
+        return m.get("local_key") == want or bool(m.get("password"))
+
+    def ensure_default(self) -> ImageArtifacts:
+        """The default image, building it (minutes, once) if missing or out of date."""
+        art = self.get(DEFAULT_IMAGE)
+        if art is not None and self.is_current(DEFAULT_IMAGE):
+            return art
+        return self.build_image(DEFAULT_IMAGE)
+
+    def list_images(self) -> list[ImageArtifacts]:
+        out = []
+        for d in sorted(self.cache_dir.iterdir()):
+            if d.is_dir() and not d.name.startswith((".", "_")):
+                art = self.get(d.name)
+                if art:
+                    out.append(art)
+        return out
+
+    def remove(self, name: str) -> None:
+        d = self.image_path(name)
+        if not (d / "manifest.json").exists():
+            raise ImageError(f"no image named {name!r} in {self.cache_dir}")
+        shutil.rmtree(d)
+
+    def prune(self) -> list[str]:
+        """Remove cached intermediate artefacts not used by any image; returns what went."""
+        used = {a.manifest.get("kernel_key") for a in self.list_images()}
+        used |= {a.manifest.get("base_key") for a in self.list_images()}
+        removed = []
+        for sub in ("_kernels", "_bases"):
+            base = self.cache_dir / sub
+            for p in base.glob("*") if base.exists() else []:
+                if p.name.split(".")[0] not in used:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                    removed.append(str(p))
+        return removed
+
+    def build_debian_ssh(self, name: str = "debian-ssh", ssh_password: str | None = None,
+                         rootfs_size_mb: int = 2048) -> tuple[Path, Path]:
+        """Build a Debian image with SSH + agent offline; returns ``(kernel, rootfs)``."""
+        art = self.build_image(name, ssh_password=ssh_password, rootfs_size_mb=rootfs_size_mb)
+        return art.kernel, art.rootfs
+
+    def build_alpine_ssh(self, name: str, ssh_password: str, rootfs_size_mb: int = 512) -> tuple[Path, Path]:
+        """Build an Alpine image with SSH; needs Alpine's mirror. Returns ``(kernel, rootfs)``."""
+        from smolvm.images.alpine import build_alpine
+
+        return build_alpine(self, name, ssh_password, rootfs_size_mb)
+
+    # ---------------------------------------------------------------- building
+    def build_image(self, name: str, *, ssh_password: str | None = None, rootfs_size_mb: int = 2048,
+                    packages: list[str] | None = None, force: bool = False) -> ImageArtifacts:
+        if not name or "/" in name or name.startswith((".", "_")):
+            raise ValidationError(f"invalid image name {name!r}", field="name")
+        packages = list(packages or rfs.DEBIAN_PACKAGES)
+        t0 = time.monotonic()
+        with self._lock(name):
+            local_key = self._local_inputs_key(packages, rootfs_size_mb, ssh_password, "debian")
+            existing = self.get(name)
+            if existing and not force and existing.manifest.get("local_key") == local_key:
+                return existing
+            kern = self._kernel_and_initrd()
+            base_tar = self._debian_base(packages)
+            out = self.image_path(name)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.cache_dir))
+            try:
+                self._say(f"[{name}] assembling root filesystem")
+                tree = tmp / "tree"
+                rfs.unpack_tree(base_tar, tree)
+                agent = self._build_agent(tmp)
+                rfs.install_guest_files(tree, agent, GUEST_DIR / "init.sh", password=ssh_password)
+                self._say(f"[{name}] writing ext4 image ({rootfs_size_mb} MiB, sparse)")
+                rfs.make_ext4(tree, tmp / "rootfs.ext4", rootfs_size_mb)
+                shutil.rmtree(tree)
+                for f in ("vmlinux", "initrd.cpio"):
+                    os.link(kern / f, tmp / f)
+                manifest = {
+                    "name": name, "distro": "debian", "suite": rfs.DEBIAN_SUITE,
+                    "packages": packages, "rootfs_size_mb": rootfs_size_mb,
+                    "kernel_key": kern.name, "base_key": base_tar.name.split(".")[0],
+                    "kernel": json.loads((kern / "kernel.json").read_text()),
+                    "local_key": local_key, "agent": agent is not None, "ssh": True,
+                    "password": bool(ssh_password), "built_at": time.time(),
+                    "build_seconds": round(time.monotonic() - t0, 1),
+                }
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(tmp, out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._say(f"[{name}] ready in {time.monotonic() - t0:.1f} s")
+            art = self.get(name)
+            assert art is not None
+            return art
+
+    def _build_agent(self, work: Path) -> Path | None:
+        try:
+            from smolvm.guest import build_agent
+        except ImportError:
+            log.warning("guest agent sources missing; image will use SSH only")
+            return None
+        self._say("compiling the guest agent (static)")
+        return build_agent(work / "agent")
+
+    def _kernel_and_initrd(self) -> Path:
+        """Shared kernel + stage-1 initramfs, keyed by the kernel package and stage-1 inputs."""
+        kdir = self.cache_dir / "_kernels"
+        kdir.mkdir(exist_ok=True)
+        stage1 = (GUEST_DIR / "stage1-init.sh").read_bytes()
+        pkg, ver = kmod.resolve_kernel_package()
+        key = _sha(BUILDER_VERSION, pkg, ver, stage1, ",".join(STAGE1_MODULES))
+        out = kdir / key
+        if (out / "kernel.json").exists():
+            return out
+        with self._lock("kernel"):
+            if (out / "kernel.json").exists():
+                return out
+            self._say(f"downloading and unpacking kernel {pkg} {ver}")
+            work = Path(tempfile.mkdtemp(prefix=".k-", dir=kdir))
+            try:
+                tree = kmod.fetch_kernel(work)
+                self._say("building stage-1 initramfs")
+                mods = kmod.module_closure(tree, STAGE1_MODULES, SKIP_MODULES)
+                busybox = self._busybox_static(work)
+                cpio = CpioWriter()
+                for d in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"):
+                    cpio.dir(d)
+                cpio.chardev("dev/console", 5, 1)
+                cpio.chardev("dev/null", 1, 3, 0o666)
+                cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+                for a in BUSYBOX_APPLETS:
+                    cpio.symlink(f"bin/{a}", "busybox")
+                cpio.file("init", stage1, 0o755)
+                order = []
+                for m in mods:
+                    cpio.file(f"lib/modules/{m.name}", m.read_bytes(), 0o644)
+                    order.append(m.name)
+                cpio.file("lib/modules/order", ("\n".join(order) + "\n").encode())
+                cpio.write(work / "initrd.cpio")
+                os.replace(tree.vmlinux, work / "vmlinux")
+                (work / "kernel.json").write_text(json.dumps(
+                    {"package": tree.package, "version": tree.version, "modules": order}))
+                final = work.with_name(key)
+                for junk in ("kernel-root", "debs"):
+                    shutil.rmtree(work / junk, ignore_errors=True)
+                os.replace(work, final)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return out
+
+    def _busybox_static(self, work: Path) -> Path:
+        debs = kmod.download_debs(["busybox-static"], work / "debs")
+        root = work / "bb"
+        kmod.run(["dpkg-deb", "-x", str(debs[0]), str(root)], what="extracting busybox")
+        return root / "bin" / "busybox"
+
+    def _debian_base(self, packages: list[str]) -> Path:
+        """debootstrap result as a tarball, cached by suite + package list (~1 min to make)."""
+        bdir = self.cache_dir / "_bases"
+        bdir.mkdir(exist_ok=True)
+        key = _sha(BUILDER_VERSION, rfs.DEBIAN_SUITE, ",".join(sorted(packages)))
+        tar = bdir / f"{key}.tar"
+        if tar.exists():
+            return tar
+        with self._lock("base"):
+            if tar.exists():
+                return tar
+            self._say(f"debootstrap {rfs.DEBIAN_SUITE} (minbase + {len(packages)} packages, ~1 min)")
+            work = Path(tempfile.mkdtemp(prefix=".b-", dir=bdir))
+            try:
+                rfs.debootstrap(work / "root", packages)
+                rfs.trim(work / "root")
+                rfs.pack_tree(work / "root", work / "base.tar")
+                os.replace(work / "base.tar", tar)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return tar

@@ -1,0 +1,244 @@
+"""SQLite state store shared by every process (SDK, CLI, pool workers).
+
+WAL mode so readers never block the writer; ``BEGIN IMMEDIATE`` for allocations so two
+processes cannot take the same port or VM id. The file is created 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from smolvm.exceptions import SmolVMError, VMAlreadyExistsError, VMNotFoundError
+from smolvm.state.migrations import MIGRATIONS
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StateError(SmolVMError):
+    """The state database is unreadable, locked for too long, or from a newer SmolVM."""
+
+
+class StateStore:
+    """Typed access to ``state.db``. One connection per thread; safe across processes."""
+
+    def __init__(self, db_path: Path | str) -> None:
+        self.path = Path(db_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._migrate()
+
+    # ------------------------------------------------------------ connections
+    def connect(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise StateError(f"cannot open state database {self.path}: {exc}") from exc
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """An IMMEDIATE transaction (takes the write lock up front)."""
+        conn = self.connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._all:
+                try:
+                    c.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+        self._local = threading.local()
+
+    def _migrate(self) -> None:
+        with self.tx() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"{self.path} has schema v{version}, newer than this SmolVM (v{SCHEMA_VERSION}); "
+                    "upgrade smolvm or use another SMOLVM_DATA_DIR"
+                )
+            for i in range(version, SCHEMA_VERSION):
+                for stmt in MIGRATIONS[i].split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version={i + 1}")
+
+    def integrity_check(self) -> str:
+        return self.connect().execute("PRAGMA integrity_check").fetchone()[0]
+
+    def schema_version(self) -> int:
+        return self.connect().execute("PRAGMA user_version").fetchone()[0]
+
+    # ------------------------------------------------------------ VMs
+    def insert_vm(self, vm_id: str, *, status: str, backend: str, config: dict, **fields: Any) -> None:
+        now = time.time()
+        cols = {"vm_id": vm_id, "status": status, "backend": backend, "config": json.dumps(config),
+                "created_at": now, "updated_at": now, **_encode(fields)}
+        try:
+            with self.tx() as conn:
+                conn.execute(
+                    f"INSERT INTO vms ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+                    list(cols.values()),
+                )
+        except sqlite3.IntegrityError:
+            raise VMAlreadyExistsError(vm_id) from None
+
+    def update_vm(self, vm_id: str, **fields: Any) -> None:
+        if not fields:
+            return
+        cols = _encode(fields)
+        cols["updated_at"] = time.time()
+        with self.tx() as conn:
+            cur = conn.execute(
+                f"UPDATE vms SET {','.join(f'{k}=?' for k in cols)} WHERE vm_id=?",
+                [*cols.values(), vm_id],
+            )
+            if cur.rowcount == 0:
+                raise VMNotFoundError(vm_id)
+
+    def get_vm(self, vm_id: str) -> dict[str, Any]:
+        row = self.connect().execute("SELECT * FROM vms WHERE vm_id=?", (vm_id,)).fetchone()
+        if row is None:
+            raise VMNotFoundError(vm_id)
+        return _decode(row)
+
+    def vm_exists(self, vm_id: str) -> bool:
+        return self.connect().execute("SELECT 1 FROM vms WHERE vm_id=?", (vm_id,)).fetchone() is not None
+
+    def list_vms(self, status: str | None = None) -> list[dict[str, Any]]:
+        conn = self.connect()
+        if status is None:
+            rows = conn.execute("SELECT * FROM vms ORDER BY created_at").fetchall()
+        else:
+            rows = conn.execute("SELECT * FROM vms WHERE status=? ORDER BY created_at", (status,)).fetchall()
+        return [_decode(r) for r in rows]
+
+    def delete_vm(self, vm_id: str) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM vms WHERE vm_id=?", (vm_id,))
+            conn.execute("DELETE FROM resources WHERE vm_id=?", (vm_id,))
+            conn.execute("DELETE FROM ports WHERE vm_id=?", (vm_id,))
+
+    # ------------------------------------------------------------ resources
+    def add_resource(self, vm_id: str, kind: str, value: str) -> None:
+        """Record a host resource *before* creating it, so reconcile can remove it."""
+        with self.tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO resources (vm_id, kind, value, created_at) VALUES (?,?,?,?)",
+                (vm_id, kind, str(value), time.time()),
+            )
+
+    def remove_resource(self, kind: str, value: str) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM resources WHERE kind=? AND value=?", (kind, str(value)))
+
+    def resources(self, vm_id: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        q, args = "SELECT * FROM resources WHERE 1=1", []
+        if vm_id is not None:
+            q += " AND vm_id=?"
+            args.append(vm_id)
+        if kind is not None:
+            q += " AND kind=?"
+            args.append(kind)
+        return [dict(r) for r in self.connect().execute(q + " ORDER BY id", args).fetchall()]
+
+    # ------------------------------------------------------------ ports
+    def reserve_port(self, vm_id: str, purpose: str, candidates: Iterator[int]) -> int:
+        """Take the first candidate port no other VM holds (atomic across processes)."""
+        with self.tx() as conn:
+            for port in candidates:
+                try:
+                    conn.execute("INSERT INTO ports (port, vm_id, purpose) VALUES (?,?,?)", (port, vm_id, purpose))
+                except sqlite3.IntegrityError:
+                    continue
+                conn.execute(
+                    "INSERT OR REPLACE INTO resources (vm_id, kind, value, created_at) VALUES (?,?,?,?)",
+                    (vm_id, "port", str(port), time.time()),
+                )
+                return port
+        raise StateError("no free port could be reserved")
+
+    def ports(self, vm_id: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.connect().execute("SELECT * FROM ports WHERE vm_id=?", (vm_id,))]
+
+    def release_ports(self, vm_id: str) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM ports WHERE vm_id=?", (vm_id,))
+            conn.execute("DELETE FROM resources WHERE vm_id=? AND kind='port'", (vm_id,))
+
+    # ------------------------------------------------------------ snapshots
+    def insert_snapshot(self, name: str, *, source_vm: str | None, path: str, config: dict, meta: dict) -> None:
+        try:
+            with self.tx() as conn:
+                conn.execute(
+                    "INSERT INTO snapshots (name, source_vm, path, config, meta, created_at) VALUES (?,?,?,?,?,?)",
+                    (name, source_vm, path, json.dumps(config), json.dumps(meta), time.time()),
+                )
+        except sqlite3.IntegrityError:
+            from smolvm.exceptions import SnapshotError
+
+            raise SnapshotError(f"snapshot {name!r} already exists; delete it or pick another name") from None
+
+    def get_snapshot(self, name: str) -> dict[str, Any] | None:
+        row = self.connect().execute("SELECT * FROM snapshots WHERE name=?", (name,)).fetchone()
+        return _decode(row) if row else None
+
+    def list_snapshots(self) -> list[dict[str, Any]]:
+        return [_decode(r) for r in self.connect().execute("SELECT * FROM snapshots ORDER BY created_at")]
+
+    def delete_snapshot(self, name: str) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM snapshots WHERE name=?", (name,))
+
+
+_JSON_COLS = {"config", "network", "meta"}
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in fields.items():
+        if k in _JSON_COLS and not isinstance(v, str):
+            v = json.dumps(v)
+        elif isinstance(v, Path):
+            v = str(v)
+        out[k] = v
+    return out
+
+
+def _decode(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    for k in _JSON_COLS & d.keys():
+        if isinstance(d[k], str):
+            d[k] = json.loads(d[k])
+    return d

@@ -1,0 +1,126 @@
+"""The command-channel interface. One core, two channels (guest agent, SSH).
+
+Every channel runs a command in the guest the *same* way, so results are identical:
+``[GUEST_SHELL, "-l", "-c", command]`` for ``shell="login"`` and
+``[GUEST_SHELL, "-c", command]`` for ``shell="raw"``. ``GUEST_SHELL`` is a static busybox
+ash in our images (dynamic linking dominates exec cost under TCG).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from smolvm.types import CommandResult
+
+#: Shell used for commands in the guest (busybox ash, static). "login" adds ``-l``.
+GUEST_SHELL = "/usr/lib/smolvm/sh"
+#: Environment file sourced by login shells (written by ``set_env_vars``).
+GUEST_ENV_FILE = "/etc/profile.d/smolvm_env.sh"
+
+ShellMode = Literal["login", "raw"]
+OutputCallback = Callable[[bytes], None]
+
+
+def guest_argv(command: str, shell: str) -> list[str]:
+    """The argv that runs ``command`` in the guest for ``shell`` ("login" | "raw")."""
+    if shell == "login":
+        return [GUEST_SHELL, "-l", "-c", command]
+    if shell == "raw":
+        return [GUEST_SHELL, "-c", command]
+    raise ValueError(f"shell must be 'login' or 'raw', got {shell!r}")
+
+
+@dataclass
+class ExecRequest:
+    """One command to run. ``timeout`` is in seconds (None = no limit)."""
+
+    command: str
+    shell: ShellMode = "login"
+    timeout: float | None = 30.0
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    stdin: bytes | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        return guest_argv(self.command, self.shell)
+
+
+class ProcessHandle(abc.ABC):
+    """A command running in the background in the guest (E2B's CommandHandle is the model)."""
+
+    pid: int | None
+
+    @abc.abstractmethod
+    def wait(self, timeout: float | None = None) -> CommandResult:
+        """Block until the process exits (``timeout`` in seconds) and return its result.
+
+        Raises ``OperationTimeoutError`` if it is still running after ``timeout``
+        (the process is *not* killed; call :meth:`kill`)."""
+
+    @abc.abstractmethod
+    def kill(self, signal: int = 9) -> None:
+        """Send ``signal`` to the process (and its process group) in the guest."""
+
+    @abc.abstractmethod
+    def is_running(self) -> bool: ...
+
+    @property
+    @abc.abstractmethod
+    def stdout(self) -> bytes:
+        """Standard output received so far."""
+
+    @property
+    @abc.abstractmethod
+    def stderr(self) -> bytes:
+        """Standard error received so far."""
+
+
+class Transport(abc.ABC):
+    """A channel to the guest. Implementations: ``AgentTransport``, ``SSHTransport``."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def exec(
+        self,
+        req: ExecRequest,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandResult:
+        """Run ``req`` to completion. Output chunks go to the callbacks as they arrive.
+
+        Raises ``OperationTimeoutError`` after killing the guest process when
+        ``req.timeout`` (seconds) passes, and ``TransportError`` when the channel fails.
+        """
+
+    @abc.abstractmethod
+    def spawn(
+        self,
+        req: ExecRequest,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ProcessHandle:
+        """Start ``req`` in the background and return a handle at once."""
+
+    @abc.abstractmethod
+    def upload(self, local: Path, remote: str, mode: int | None = None) -> None:
+        """Copy a host file into the guest, streaming; keeps ``local``'s mode unless given."""
+
+    @abc.abstractmethod
+    def download(self, remote: str, local: Path) -> None:
+        """Copy a guest file to the host, streaming; keeps the guest file's mode."""
+
+    @abc.abstractmethod
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the channel answers (seconds); raise ``OperationTimeoutError``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the connection. Idempotent."""

@@ -1,0 +1,235 @@
+"""Public data types: configuration (validated by pydantic), VM state and results."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from smolvm.exceptions import ValidationError
+
+VM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+#: Kernel arguments used when a config gives none: serial console, reboot on panic,
+#: and our init (which starts the SSH server and the guest agent).
+DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off init=/init"
+
+
+class VMState(str, Enum):
+    """Lifecycle state of a VM as recorded in the state store."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+    def __str__(self) -> str:  # "running", not "VMState.RUNNING", in CLI tables
+        return self.value
+
+
+def _new_vm_id() -> str:
+    return "vm-" + secrets.token_hex(4)
+
+
+class _Model(BaseModel):
+    """Base for validated models: pydantic errors become SmolVM ``ValidationError``s."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise _to_validation_error(type(self).__name__, exc) from None
+
+
+def _to_validation_error(model: str, exc: pydantic.ValidationError) -> ValidationError:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or None
+    msg = err.get("msg", "invalid value")
+    value = err.get("input")
+    text = f"{model}.{loc}: {msg} (got {value!r})" if loc else f"{model}: {msg}"
+    return ValidationError(text, field=loc, details={"errors": len(exc.errors())})
+
+
+class VMConfig(_Model):
+    """Configuration of one microVM.
+
+    Sizes are in MiB, times in seconds. ``kernel_path``/``rootfs_path`` default to the
+    image built by :class:`smolvm.ImageBuilder` when left unset.
+    """
+
+    vm_id: str = Field(default_factory=_new_vm_id)
+    vcpu_count: int = Field(default=1, ge=1, le=64)
+    mem_size_mib: int = Field(default=512, ge=128, le=65536)
+    disk_size_mib: int | None = Field(default=None, ge=64, le=1024 * 1024)
+    kernel_path: Path | None = None
+    rootfs_path: Path | None = None
+    initrd_path: Path | None = None
+    boot_args: str = DEFAULT_BOOT_ARGS
+    backend: Literal["auto", "qemu", "firecracker"] | None = None
+    #: "user": rootless user-mode NAT with SSH forwarded on 127.0.0.1;
+    #: "tap": TAP device + nftables NAT (root); "none": no NIC (agent channel only).
+    network: Literal["user", "tap", "none"] = "user"
+    #: Command channel: "auto" uses the guest agent when present and SSH otherwise.
+    comm_channel: Literal["auto", "agent", "ssh"] = "auto"
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    retain_disk_on_delete: bool = False
+    #: Extra host→guest TCP forwards: {host_port: guest_port}, bound on 127.0.0.1.
+    port_forwards: dict[int, int] = Field(default_factory=dict)
+
+    @field_validator("vm_id")
+    @classmethod
+    def _check_id(cls, v: str) -> str:
+        if not VM_ID_RE.match(v):
+            raise ValueError(
+                "vm_id must be 1-63 characters of letters, digits, '-' or '_', starting "
+                "with a letter or digit"
+            )
+        return v
+
+    @field_validator("kernel_path", "rootfs_path", "initrd_path")
+    @classmethod
+    def _check_path(cls, v: Path | None) -> Path | None:
+        if v is None:
+            return None
+        p = Path(v).expanduser()
+        if not p.is_file():
+            raise ValueError(f"file does not exist: {p}")
+        return p.resolve()
+
+    @field_validator("boot_args")
+    @classmethod
+    def _check_boot_args(cls, v: str) -> str:
+        if "\n" in v or "\x00" in v or len(v) > 2048:
+            raise ValueError("boot_args must be one line of at most 2048 characters")
+        return v
+
+    @field_validator("env_vars")
+    @classmethod
+    def _check_env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, val in v.items():
+            validate_env_key(key)
+            if "\x00" in str(val):
+                raise ValueError(f"env var {key!r} contains a NUL byte")
+        return {k: str(val) for k, val in v.items()}
+
+    @field_validator("port_forwards")
+    @classmethod
+    def _check_ports(cls, v: dict[int, int]) -> dict[int, int]:
+        for hp, gp in v.items():
+            if not (1024 <= int(hp) <= 65535) or not (1 <= int(gp) <= 65535):
+                raise ValueError(
+                    f"port forward {hp}->{gp}: host port must be 1024-65535, guest 1-65535"
+                )
+        return v
+
+
+def validate_env_key(key: str) -> str:
+    """Raise ``ValueError`` unless ``key`` is a valid shell variable name."""
+    if not isinstance(key, str) or not ENV_KEY_RE.match(key):
+        raise ValueError(
+            f"invalid environment variable name {key!r}: use letters, digits and '_', "
+            "not starting with a digit"
+        )
+    return key
+
+
+class NetworkInfo(BaseModel):
+    """How the guest is reached from the host."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    mode: str = "user"
+    guest_ip: str | None = None
+    gateway_ip: str | None = None
+    netmask: str | None = None
+    tap_device: str | None = None
+    mac_address: str | None = None
+    #: Host port on 127.0.0.1 forwarded to the guest's SSH port (22).
+    ssh_host_port: int | None = None
+    port_forwards: dict[int, int] = Field(default_factory=dict)
+
+
+class VMInfo(BaseModel):
+    """Snapshot of a VM's record in the state store (refresh with ``SmolVM.refresh()``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    vm_id: str
+    status: VMState
+    config: VMConfig
+    network: NetworkInfo = Field(default_factory=NetworkInfo)
+    backend: str = "qemu"
+    pid: int | None = None
+    #: "kvm" or "tcg" (QEMU), with the reason the host probe gave.
+    accelerator: str | None = None
+    accelerator_reason: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    vm_dir: Path | None = None
+    disk_path: Path | None = None
+    error: str | None = None
+    #: Present when the VM was restored from a snapshot.
+    snapshot: str | None = None
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """Result of one command run in the guest.
+
+    Attributes:
+        exit_code: process exit status (0 = success; 128+N when killed by signal N).
+        stdout: standard output decoded as UTF-8 (undecodable bytes replaced).
+        stderr: standard error decoded likewise.
+        duration: wall time of the command in seconds, measured on the host.
+        stdout_bytes / stderr_bytes: the raw bytes, for binary output.
+    """
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration: float = 0.0
+    stdout_bytes: bytes | None = field(default=None, repr=False, compare=False)
+    stderr_bytes: bytes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when ``exit_code == 0``."""
+        return self.exit_code == 0
+
+    @property
+    def output(self) -> str:
+        """``stdout`` with surrounding whitespace stripped."""
+        return self.stdout.strip()
+
+    @classmethod
+    def from_bytes(cls, exit_code: int, out: bytes, err: bytes, duration: float = 0.0) -> CommandResult:
+        return cls(
+            exit_code,
+            out.decode("utf-8", "replace"),
+            err.decode("utf-8", "replace"),
+            duration,
+            out,
+            err,
+        )
+
+
+__all__ = [
+    "VMState",
+    "VMConfig",
+    "VMInfo",
+    "NetworkInfo",
+    "CommandResult",
+    "DEFAULT_BOOT_ARGS",
+    "validate_env_key",
+]
