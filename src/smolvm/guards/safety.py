@@ -1,0 +1,1003 @@
+"""SafetyGuard: a shell-aware policy callback that vetoes destructive commands.
+
+The command is parsed with bashlex and the syntax tree is walked: lists, pipelines,
+``;``/``&&``/``||`` chains, subshells, ``{ }`` groups, ``if``/``for``/``while``/``case``,
+command and process substitutions, here-documents, function definitions, and command
+strings handed to a shell again (``bash -c``, ``sh -c``, ``eval``, ``su -c``, ``watch``,
+``echo ... | sh``, ``sh <<EOF``). Wrappers (``sudo``, ``env``, ``nice``, ``nohup``,
+``timeout``, ``xargs``, ``busybox``, ``command``, ``exec``, ...) are peeled off. Every
+simple command found is checked by the enabled rules; the first hit blocks.
+
+Quoted text is data, not a command: ``echo "rm -rf /"`` is allowed, while
+``echo $(rm -rf /)`` is blocked.
+
+Use :func:`check_command` to test a command string without a VM.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import bashlex
+import bashlex.errors
+
+from smolvm.callbacks import Callback, RunContext
+from smolvm.exceptions import CommandBlockedError, ValidationError
+from smolvm.guards import _shellparse as sp
+
+# --------------------------------------------------------------------------------------
+# Verdicts, rules and the policy
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Why a command is blocked.
+
+    Attributes:
+        rule: name of the rule that fired (see :data:`RULES`).
+        reason: what the offending sub-command does.
+        subcommand: the offending simple command as written (after unwrapping ``bash -c``).
+        command: the whole command that was checked.
+    """
+
+    rule: str
+    reason: str
+    subcommand: str
+    command: str
+
+    @property
+    def message(self) -> str:
+        return f"Blocked by SafetyGuard rule {self.rule!r}: {self.reason} (in sub-command {self.subcommand!r})"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class SimpleCommand:
+    """One simple command as a rule sees it.
+
+    Attributes:
+        argv: the words, unquoted (``$VAR`` left as text unless assigned earlier in the
+            same command line; ``$HOME`` and ``~`` become ``~``).
+        program: ``basename(argv[0])`` or ``""`` for assignments/redirections only.
+        redirects: ``(operator, target)`` pairs, e.g. ``(">", "/dev/sda")``.
+        text: the source text of this command.
+        cwd: directory set by a preceding ``cd`` in the same list, if known.
+    """
+
+    argv: list[str]
+    redirects: list[tuple[str, str]]
+    text: str
+    cwd: str | None = None
+
+    @property
+    def program(self) -> str:
+        return posixpath.basename(self.argv[0]) if self.argv else ""
+
+    @property
+    def args(self) -> list[str]:
+        return self.argv[1:]
+
+
+RuleCheck = Callable[[SimpleCommand, "SafetyPolicy"], "str | None"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named check run on every simple command. ``check`` returns a reason or None."""
+
+    name: str
+    description: str
+    check: RuleCheck
+
+
+#: Paths whose deletion (or recursive chmod/chown) is blocked; their ancestors too.
+DEFAULT_PROTECTED_PATHS: tuple[str, ...] = (
+    "/",
+    "~",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/opt",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/srv",
+    "/sys",
+    "/usr",
+    "/usr/bin",
+    "/usr/lib",
+    "/usr/local",
+    "/usr/sbin",
+    "/usr/share",
+    "/var",
+    "/var/lib",
+)
+
+UNPARSEABLE = "unparseable"
+
+
+@dataclass(frozen=True)
+class SafetyPolicy:
+    """Configuration of :class:`SafetyGuard` / :func:`check_command` (immutable).
+
+    Attributes:
+        disabled_rules: names of rules to skip (see :data:`RULES`).
+        protected_paths: absolute paths (or ``~``) that must not be deleted recursively,
+            nor ``chmod -R``/``chown -R``'d; ancestors of them are protected as well, and so
+            are globs covering their contents (``/usr/*``).
+        denied_programs: extra program names blocked outright (rule ``denied-program``),
+            matched on the basename after wrappers are removed.
+        allow_patterns: regular expressions; a simple command whose text fully matches one
+            is exempt from every rule (its substitutions are still checked).
+        fail_closed: block commands bashlex cannot parse (rule ``unparseable``). With
+            ``False`` they are allowed.
+        block_device_reads: also block *reading* raw block devices (``cat /dev/vda``).
+        max_depth: nesting limit for re-parsed command strings; deeper is treated as
+            unparseable.
+        extra_rules: additional :class:`Rule` objects run after the built-in ones.
+    """
+
+    disabled_rules: frozenset[str] = frozenset()
+    protected_paths: tuple[str, ...] = DEFAULT_PROTECTED_PATHS
+    denied_programs: frozenset[str] = frozenset()
+    allow_patterns: tuple[str, ...] = ()
+    fail_closed: bool = True
+    block_device_reads: bool = False
+    max_depth: int = 8
+    extra_rules: tuple[Rule, ...] = ()
+    _allow_re: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "disabled_rules", frozenset(self.disabled_rules))
+        object.__setattr__(self, "denied_programs", frozenset(self.denied_programs))
+        object.__setattr__(self, "protected_paths", tuple(self.protected_paths))
+        object.__setattr__(self, "allow_patterns", tuple(self.allow_patterns))
+        object.__setattr__(self, "extra_rules", tuple(self.extra_rules))
+        known = set(RULES) | {UNPARSEABLE} | {r.name for r in self.extra_rules}
+        unknown = sorted(set(self.disabled_rules) - known)
+        if unknown:
+            raise ValidationError(
+                f"unknown SafetyGuard rule(s) {unknown}; known rules: {sorted(known)}",
+                field="disabled_rules",
+            )
+        for p in self.protected_paths:
+            if not isinstance(p, str) or not (p.startswith("/") or p.startswith("~")):
+                raise ValidationError(
+                    f"protected path {p!r} must be absolute or start with '~'", field="protected_paths"
+                )
+        if self.max_depth < 1:
+            raise ValidationError("max_depth must be >= 1", field="max_depth")
+        try:
+            compiled = tuple(re.compile(p) for p in self.allow_patterns)
+        except re.error as exc:
+            raise ValidationError(f"invalid allow pattern: {exc}", field="allow_patterns") from None
+        object.__setattr__(self, "_allow_re", compiled)
+        object.__setattr__(
+            self, "_protected_norm", tuple(_normpath(p) for p in self.protected_paths)
+        )
+
+    def is_enabled(self, rule: str) -> bool:
+        return rule not in self.disabled_rules
+
+    def disable(self, *rules: str) -> SafetyPolicy:
+        """A copy with ``rules`` disabled."""
+        return replace(self, disabled_rules=self.disabled_rules | set(rules))
+
+    def enable(self, *rules: str) -> SafetyPolicy:
+        """A copy with ``rules`` enabled again."""
+        return replace(self, disabled_rules=self.disabled_rules - set(rules))
+
+    def allowed(self, text: str) -> bool:
+        return any(r.fullmatch(text.strip()) for r in self._allow_re)
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """The rules that run, in order."""
+        return tuple(r for r in (*BUILTIN_RULES, *self.extra_rules) if self.is_enabled(r.name))
+
+
+# --------------------------------------------------------------------------------------
+# Path helpers
+# --------------------------------------------------------------------------------------
+
+_GLOB_CHARS = set("*?[")
+
+
+def _normpath(p: str) -> str:
+    if p in ("~", "$HOME", "${HOME}"):
+        return "~"
+    for pre in ("~/", "$HOME/", "${HOME}/"):
+        if p.startswith(pre):
+            rest = posixpath.normpath("/" + p[len(pre) :])
+            return "~" if rest == "/" else "~" + rest
+    if p.startswith("~root"):
+        p = "/root" + p[5:]
+    if p.startswith("/"):
+        p = re.sub(r"^/+", "/", p)
+        p = posixpath.normpath(p)
+        p = re.sub(r"^/+", "/", p)
+    return p
+
+
+def _resolve(target: str, cwd: str | None) -> str | None:
+    """Normalised absolute (or ``~``-rooted) form of ``target``, or None if unknown."""
+    if not target:
+        return None
+    if target.startswith(("/", "~", "$HOME", "${HOME}")):
+        return _normpath(target)
+    if cwd is None or "$" in target:
+        return None
+    return _normpath(cwd.rstrip("/") + "/" + target) if cwd != "~" else _normpath("~/" + target)
+
+
+def _is_under(path: str, root: str) -> bool:
+    if root == "/":
+        return path.startswith("/")
+    return path == root or path.startswith(root + "/")
+
+
+def _protected_hit(target: str, cwd: str | None, policy: SafetyPolicy) -> str | None:
+    """The protected path ``target`` would destroy, if any."""
+    for word in sp.expand_braces(target):
+        path = _resolve(word, cwd)
+        if path is None:
+            continue
+        prot: tuple[str, ...] = policy._protected_norm  # type: ignore[attr-defined]
+        if any(c in path for c in _GLOB_CHARS):
+            head, tail = posixpath.split(path)
+            # "P/*", "P/.*", "P/.[!.]*": the whole contents of P
+            if tail and set(tail) <= set("*?.[]!") and "*" in tail:
+                base = _normpath(head or "/")
+                if base in prot or any(_is_under(p, base) for p in prot):
+                    return base
+            for p in prot:
+                if fnmatch.fnmatchcase(p, path) or fnmatch.fnmatchcase(p + "/", path):
+                    return p
+            continue
+        for p in prot:
+            if path == p or _is_under(p, path):
+                return p
+    return None
+
+
+_SAFE_DEVICES = re.compile(
+    r"^/dev/(null|zero|full|u?random|tty\w*|pts/.*|stdin|stdout|stderr|fd/.*|console|ptmx|shm/.*|mqueue/.*|log)$"
+)
+_BLOCK_DEVICE = re.compile(
+    r"^/dev/("
+    r"[shv]d[a-z]+\d*|xvd[a-z]+\d*|nvme\d+(n\d+(p\d+)?)?|mmcblk\d+(p\d+|boot\d+|rpmb)?|"
+    r"loop\d+|dm-\d+|md\d+|sr\d+|nbd\d+|ram\d+|zram\d+|ubd[a-z]+\d*|vport\w*|"
+    r"mapper/.+|disk/.+|root|mem|kmem|port|sg\d+|block/.+|[a-z]+/[a-z0-9_-]+"
+    r")$"
+)
+_DEVICE_SAMPLES = ("/dev/sda", "/dev/sda1", "/dev/vda", "/dev/vda1", "/dev/hda", "/dev/xvda", "/dev/nvme0n1", "/dev/mmcblk0", "/dev/dm-0", "/dev/md0", "/dev/mem")
+
+
+def _is_block_device(path: str) -> bool:
+    if not path.startswith("/dev/"):
+        return False
+    path = _normpath(path)
+    if _SAFE_DEVICES.match(path):
+        return False
+    if any(c in path for c in _GLOB_CHARS):
+        return any(fnmatch.fnmatchcase(d, path) for d in _DEVICE_SAMPLES)
+    return bool(_BLOCK_DEVICE.match(path))
+
+
+# --------------------------------------------------------------------------------------
+# Option parsing helpers
+# --------------------------------------------------------------------------------------
+
+
+def _split_opts(args: list[str], with_value: Iterable[str] = ()) -> tuple[set[str], list[str]]:
+    """Split GNU-style arguments into (flags, operands). Short flag clusters are exploded."""
+    with_value = set(with_value)
+    flags: set[str] = set()
+    operands: list[str] = []
+    it = iter(range(len(args)))
+    skip = False
+    end = False
+    for i in it:
+        a = args[i]
+        if skip:
+            skip = False
+            continue
+        if end or a == "-" or not a.startswith("-"):
+            operands.append(a)
+            continue
+        if a == "--":
+            end = True
+            continue
+        if a.startswith("--"):
+            name = a.split("=", 1)[0]
+            flags.add(name)
+            if name in with_value and "=" not in a:
+                skip = True
+            continue
+        for k, ch in enumerate(a[1:]):
+            flags.add("-" + ch)
+            if "-" + ch in with_value:
+                if k == len(a) - 2:
+                    skip = True
+                break
+    return flags, operands
+
+
+# --------------------------------------------------------------------------------------
+# Rules
+# --------------------------------------------------------------------------------------
+
+_FORMAT_PROGRAMS = re.compile(r"^(mkfs(\.\w+)?|mke2fs|mkdosfs|mkntfs|mkexfatfs|mkreiserfs|mkswap|mkfs\w*|wipefs)$")
+_PARTITION_PROGRAMS = {"fdisk", "sfdisk", "cfdisk", "gdisk", "sgdisk", "parted", "blkdiscard", "badblocks"}
+
+
+def _rule_recursive_delete(cmd: SimpleCommand, policy: SafetyPolicy) -> str | None:
+    prog = cmd.program
+    if prog == "rm":
+        flags, operands = _split_opts(cmd.args)
+        recursive = bool(flags & {"-r", "-R", "--recursive"})
+        for t in operands:
+            hit = _protected_hit(t, cmd.cwd, policy)
+            if hit is None:
+                continue
+            path = _resolve(t, cmd.cwd) or t
+            if recursive or any(c in path for c in _GLOB_CHARS):
+                return f"recursive delete of protected path {hit!r} (target {t!r})"
+        return None
+    if prog == "find":
+        # find ROOT... -delete | -exec rm ...
+        starts = []
+        for a in cmd.args:
+            if a.startswith(("-", "(", "!")):
+                break
+            starts.append(a)
+        deletes = "-delete" in cmd.args or any(
+            a in ("-exec", "-execdir", "-ok", "-okdir") and i + 1 < len(cmd.args) and posixpath.basename(cmd.args[i + 1]) in ("rm", "shred", "unlink")
+            for i, a in enumerate(cmd.args)
+        )
+        if deletes:
+            for s in starts:
+                path = _resolve(s, cmd.cwd)
+                if path is None:
+                    continue
+                prot: tuple[str, ...] = policy._protected_norm  # type: ignore[attr-defined]
+                for p in prot:
+                    if path == p or _is_under(p, path):
+                        return f"find deletes under protected path {p!r} (start {s!r})"
+    return None
+
+
+def _rule_filesystem_format(cmd: SimpleCommand, policy: SafetyPolicy) -> str | None:
+    if _FORMAT_PROGRAMS.match(cmd.program):
+        return f"{cmd.program} creates or wipes a filesystem"
+    return None
+
+
+def _rule_block_device_write(cmd: SimpleCommand, policy: SafetyPolicy) -> str | None:
+    for op, target in cmd.redirects:
+        if op in (">", ">>", ">|", "<>", "&>", "&>>", ">&") and _is_block_device(target):
+            return f"redirection {op} writes to block device {target!r}"
+        if policy.block_device_reads and op in ("<", "<>") and _is_block_device(target):
+            return f"reads block device {target!r}"
+    prog, args = cmd.program, cmd.args
+    if prog == "dd":
+        for a in args:
+            if a.startswith("of=") and _is_block_device(a[3:]):
+                return f"dd writes to block device {a[3:]!r}"
+            if policy.block_device_reads and a.startswith("if=") and _is_block_device(a[3:]):
+                return f"dd reads block device {a[3:]!r}"
+        return None
+    devices = [a for a in args if _is_block_device(a)]
+    if prog == "shred":
+        if devices:
+            return f"shred overwrites block device {devices[0]!r}"
+        return None
+    if prog in _PARTITION_PROGRAMS and devices:
+        flags, operands = _split_opts(args)
+        read_only = flags & {"-l", "--list", "-d", "--dump", "-p", "--print", "-s", "--show-size", "-V", "--verify", "-h", "--help"} or "print" in operands
+        if prog == "badblocks":
+            read_only = not (flags & {"-w", "-n"})
+        if not read_only:
+            return f"{prog} modifies the partition table or contents of {devices[0]!r}"
+        return None
+    if prog == "tee" and devices:
+        return f"tee writes to block device {devices[0]!r}"
+    if prog in ("cp", "install", "mv", "pv", "ddrescue", "cat") and devices:
+        _flags, operands = _split_opts(args, ("-t", "--target-directory", "-S", "--suffix", "-m", "--mode", "-o", "--owner", "-g", "--group"))
+        if prog in ("cp", "install", "mv", "ddrescue") and operands and _is_block_device(operands[-1]):
+            return f"{prog} writes to block device {operands[-1]!r}"
+    if policy.block_device_reads and devices:
+        return f"{prog} accesses block device {devices[0]!r}"
+    return None
+
+
+def _rule_recursive_permissions(cmd: SimpleCommand, policy: SafetyPolicy) -> str | None:
+    if cmd.program not in ("chmod", "chown", "chgrp", "setfacl", "chattr"):
+        return None
+    flags, operands = _split_opts(cmd.args, ("--reference",))
+    recursive = bool(flags & {"-R", "--recursive"})
+    if not recursive:
+        return None
+    targets = operands[1:] if cmd.program in ("chmod", "chown", "chgrp", "chattr") else operands
+    if cmd.program == "chmod" and any(f.startswith("--reference") for f in flags):
+        targets = operands
+    for t in targets:
+        hit = _protected_hit(t, cmd.cwd, policy)
+        if hit is not None:
+            return f"recursive {cmd.program} on protected path {hit!r} (target {t!r})"
+    return None
+
+
+def _rule_denied_program(cmd: SimpleCommand, policy: SafetyPolicy) -> str | None:
+    if cmd.program and cmd.program in policy.denied_programs:
+        return f"program {cmd.program!r} is denied by policy"
+    return None
+
+
+def _rule_fork_bomb(cmd: SimpleCommand, policy: SafetyPolicy) -> str | None:
+    return None  # detected structurally on function definitions (see _Analyzer)
+
+
+BUILTIN_RULES: tuple[Rule, ...] = (
+    Rule("recursive-delete", "rm -r / find -delete of a protected path, its ancestors or its whole contents", _rule_recursive_delete),
+    Rule("filesystem-format", "mkfs, mkfs.*, mke2fs, mkswap, wipefs and friends", _rule_filesystem_format),
+    Rule("fork-bomb", "a function that calls itself in a pipeline or in the background", _rule_fork_bomb),
+    Rule("block-device-write", "dd of=/dev/..., > /dev/sda, shred /dev/..., partitioning tools, tee/cp onto devices", _rule_block_device_write),
+    Rule("recursive-permissions", "chmod/chown/chgrp -R on a protected path", _rule_recursive_permissions),
+    Rule("denied-program", "programs listed in SafetyPolicy.denied_programs", _rule_denied_program),
+)
+
+#: Rule name → description, including ``unparseable`` (the parse-failure policy).
+RULES: dict[str, str] = {r.name: r.description for r in BUILTIN_RULES}
+RULES[UNPARSEABLE] = "the command could not be parsed (only when fail_closed)"
+
+
+# --------------------------------------------------------------------------------------
+# Wrappers and nested shells
+# --------------------------------------------------------------------------------------
+
+_SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "hush", "rbash", "lksh", "posh", "yash"}
+_WRAPPER_OPTS: dict[str, set[str]] = {
+    "sudo": {"-u", "-g", "-h", "-p", "-C", "-r", "-t", "-U", "-T", "-D", "--user", "--group", "--host", "--prompt", "--close-from", "--role", "--type", "--other-user", "--command-timeout", "--chdir"},
+    "doas": {"-u", "-C"},
+    "nice": {"-n", "--adjustment"},
+    "ionice": {"-c", "-n", "-p", "-P", "-u", "--class", "--classdata"},
+    "stdbuf": {"-i", "-o", "-e", "--input", "--output", "--error"},
+    "setsid": set(),
+    "nohup": set(),
+    "command": set(),
+    "builtin": set(),
+    "exec": {"-a"},
+    "time": {"-f", "-o", "--format", "--output"},
+    "chrt": set(),
+    "unbuffer": set(),
+    "catchsegv": set(),
+    "fakeroot": set(),
+    "flock": {"-w", "-E", "--timeout", "--conflict-exit-code"},
+    "runuser": {"-u", "-g", "-G", "--user", "--group"},
+    "torsocks": set(),
+    "proxychains": set(),
+    "strace": {"-e", "-o", "-p", "-s", "-u", "-E"},
+    "ltrace": {"-e", "-o", "-p", "-s", "-u"},
+    "unshare": set(),
+    "nsenter": {"-t", "--target"},
+    "taskset": set(),
+    "systemd-run": {"-p", "--property", "-u", "--unit", "--uid", "--gid", "-E", "--setenv"},
+}
+
+
+class _Unwrapped:
+    def __init__(self, argv: list[str] | None = None, script: str | None = None, stdin_shell: bool = False) -> None:
+        self.argv = argv
+        self.script = script
+        self.stdin_shell = stdin_shell
+
+
+def _shell_script_arg(args: list[str]) -> _Unwrapped | None:
+    """For ``bash [opts] -c STRING``: the string; for ``bash`` reading stdin: a marker."""
+    i = 0
+    has_c = False
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            i += 1
+            break
+        if a in ("-o", "+o", "-O", "+O", "--rcfile", "--init-file"):
+            i += 2
+            continue
+        if a.startswith("--"):
+            i += 1
+            continue
+        if a.startswith(("-", "+")) and len(a) > 1:
+            if "c" in a[1:]:
+                has_c = True
+            i += 1
+            continue
+        break
+    rest = args[i:]
+    if has_c:
+        return _Unwrapped(script=rest[0] if rest else "")
+    if not rest or rest[0] == "-" or "-s" in args:
+        return _Unwrapped(stdin_shell=True)
+    return None  # runs a script file
+
+
+def _unwrap(argv: list[str]) -> _Unwrapped | None:
+    """If ``argv`` runs another command, what it runs."""
+    if not argv:
+        return None
+    prog = posixpath.basename(argv[0])
+    args = argv[1:]
+    if prog in _SHELLS:
+        return _shell_script_arg(args)
+    if prog == "busybox":
+        return _Unwrapped(argv=args) if args and not args[0].startswith("-") else None
+    if prog == "eval":
+        return _Unwrapped(script=" ".join(args))
+    if prog in ("su", "sux"):
+        for i, a in enumerate(args):
+            if a in ("-c", "--command") and i + 1 < len(args):
+                return _Unwrapped(script=args[i + 1])
+            if a.startswith("--command="):
+                return _Unwrapped(script=a.split("=", 1)[1])
+        return None
+    if prog == "watch":
+        i = 0
+        while i < len(args) and args[i].startswith("-"):
+            i += 2 if args[i] in ("-n", "--interval", "-d", "-q", "--equexit") and "=" not in args[i] and args[i] not in ("-d",) else 1
+        return _Unwrapped(script=" ".join(args[i:])) if args[i:] else None
+    if prog == "env":
+        i = 0
+        while i < len(args):
+            a = args[i]
+            if a in ("-u", "--unset", "-C", "--chdir"):
+                i += 2
+                continue
+            if a in ("-S", "--split-string"):
+                return _Unwrapped(script=" ".join(args[i + 1 :]))
+            if a.startswith(("--split-string=", "-S")) and a not in ("-S",):
+                return _Unwrapped(script=a.split("=", 1)[1] if a.startswith("--") else a[2:] + " " + " ".join(args[i + 1 :]))
+            if a.startswith("-") or re.match(r"^[A-Za-z_]\w*=", a):
+                i += 1
+                continue
+            break
+        return _Unwrapped(argv=args[i:]) if args[i:] else None
+    if prog == "timeout":
+        i = 0
+        while i < len(args) and args[i].startswith("-"):
+            i += 2 if args[i] in ("-s", "-k", "--signal", "--kill-after") else 1
+        return _Unwrapped(argv=args[i + 1 :]) if len(args) > i + 1 else None
+    if prog == "xargs":
+        i = 0
+        with_val = {"-a", "-d", "-E", "-I", "-L", "-n", "-P", "-s", "--arg-file", "--delimiter", "--max-lines", "--max-args", "--max-procs", "--max-chars", "--process-slot-var"}
+        while i < len(args) and args[i].startswith("-"):
+            a = args[i]
+            i += 2 if a in with_val else 1
+        return _Unwrapped(argv=args[i:]) if args[i:] else None
+    if prog in ("chroot",):
+        ops = [a for a in args if not a.startswith("-")]
+        return _Unwrapped(argv=ops[1:]) if len(ops) > 1 else None
+    if prog == "taskset":
+        i = 0
+        while i < len(args) and args[i].startswith("-"):
+            i += 1
+        return _Unwrapped(argv=args[i + 1 :]) if len(args) > i + 1 else None
+    if prog == "chrt":
+        ops_i = 0
+        while ops_i < len(args) and args[ops_i].startswith("-"):
+            ops_i += 1
+        return _Unwrapped(argv=args[ops_i + 1 :]) if len(args) > ops_i + 1 else None
+    if prog == "flock":
+        for i, a in enumerate(args):
+            if a in ("-c", "--command") and i + 1 < len(args):
+                return _Unwrapped(script=args[i + 1])
+    if prog == "command" and args and args[0] in ("-v", "-V"):
+        return None
+    if prog in _WRAPPER_OPTS:
+        with_val = _WRAPPER_OPTS[prog]
+        i = 0
+        while i < len(args):
+            a = args[i]
+            if a == "--":
+                i += 1
+                break
+            if prog == "nice" and re.match(r"^-\d+$", a):
+                i += 1
+                continue
+            if a.startswith("-") and len(a) > 1:
+                i += 2 if (a in with_val) else 1
+                continue
+            if prog in ("sudo", "doas", "runuser", "systemd-run") and re.match(r"^[A-Za-z_]\w*=", a):
+                i += 1
+                continue
+            break
+        rest = args[i:]
+        if prog == "flock" and rest:
+            rest = rest[1:]  # lock file
+        if prog in ("sudo", "doas") and not rest and ({"-s", "-i"} & set(args)):
+            return _Unwrapped(stdin_shell=True)
+        return _Unwrapped(argv=rest) if rest else None
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# The analyzer
+# --------------------------------------------------------------------------------------
+
+
+class _Blocked(Exception):
+    def __init__(self, verdict: Verdict) -> None:
+        self.verdict = verdict
+
+
+class _Scope:
+    def __init__(self, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+        self.env = dict(env or {"HOME": "~"})
+        self.cwd = cwd
+
+    def copy(self) -> _Scope:
+        return _Scope(self.env, self.cwd)
+
+
+_PARAM = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+class _Analyzer:
+    def __init__(self, policy: SafetyPolicy, command: str) -> None:
+        self.policy = policy
+        self.command = command
+
+    # -- entry points ------------------------------------------------------------------
+
+    def run(self) -> Verdict | None:
+        try:
+            self.analyze(self.command, 0, _Scope())
+        except _Blocked as b:
+            return b.verdict
+        return None
+
+    def block(self, rule: str, reason: str, sub: str) -> None:
+        raise _Blocked(Verdict(rule, reason, sub.strip(), self.command))
+
+    def analyze(self, text: str, depth: int, scope: _Scope) -> None:
+        if depth > self.policy.max_depth:
+            if self.policy.fail_closed:
+                self.block(UNPARSEABLE, f"command nesting deeper than {self.policy.max_depth} levels", text)
+            return
+        if not text.strip():
+            return
+        parsed, src, quoted = self._parse(text)
+        if parsed is None:
+            if self.policy.fail_closed:
+                self.block(UNPARSEABLE, f"command could not be parsed ({src}); refusing to run it unchecked", text)
+            return
+        self.src_stack_push(src, quoted)
+        try:
+            for node in parsed:
+                self.visit(node, depth, scope)
+        finally:
+            self.src_stack_pop()
+
+    def _parse(self, text: str) -> tuple[list[Any] | None, str, set[str]]:
+        if "\x00" in text:
+            return None, "contains a NUL byte", set()
+        candidates = [text]
+        rewritten, quoted = sp.unquote_heredoc_delimiters(text)
+        rewritten = sp.rewrite_unsupported(rewritten)
+        if rewritten != text:
+            candidates.append(rewritten)
+        err = ""
+        for cand in candidates:
+            try:
+                return bashlex.parse(cand), cand, (quoted if cand is not text else set())
+            except (bashlex.errors.ParsingError, NotImplementedError, AttributeError, IndexError, TypeError, ValueError, AssertionError, RecursionError) as exc:
+                if not err:
+                    err = f"{type(exc).__name__}: {exc}"
+        return None, err, set()
+
+    # -- source bookkeeping (node positions are relative to the parsed string) ------------
+
+    _srcs: list[tuple[str, set[str]]]
+
+    def src_stack_push(self, src: str, quoted: set[str]) -> None:
+        if not hasattr(self, "_srcs"):
+            self._srcs = []
+        self._srcs.append((src, quoted))
+
+    def src_stack_pop(self) -> None:
+        self._srcs.pop()
+
+    @property
+    def src(self) -> str:
+        return self._srcs[-1][0]
+
+    def text_of(self, node: Any) -> str:
+        pos = getattr(node, "pos", None)
+        return self.src[pos[0] : pos[1]] if pos else ""
+
+    # -- tree walk ---------------------------------------------------------------------
+
+    def visit(self, node: Any, depth: int, scope: _Scope, stdin_text: str | None = None) -> None:
+        kind = node.kind
+        if kind == "command":
+            self.visit_command(node, depth, scope, stdin_text)
+        elif kind == "function":
+            self.visit_function(node, depth, scope)
+        elif kind == "pipeline":
+            parts = [p for p in node.parts if p.kind not in ("pipe", "reservedword")]
+            prev_text: str | None = None
+            for p in parts:
+                self.visit(p, depth, scope.copy(), prev_text)
+                prev_text = self._static_stdout(p)
+        elif kind == "list":
+            for p in node.parts:
+                if p.kind != "operator":
+                    self.visit(p, depth, scope)
+        elif kind == "compound":
+            inner = scope.copy() if node.list and node.list[0].kind == "reservedword" and node.list[0].word == "(" else scope
+            for p in node.list:
+                self.visit(p, depth, inner)
+            for r in getattr(node, "redirects", []) or []:
+                self.visit(r, depth, scope)
+        elif kind in ("commandsubstitution", "processsubstitution"):
+            self.visit(node.command, depth, scope.copy())
+        elif kind == "redirect":
+            self.visit_redirect_children(node, depth, scope)
+        else:
+            for child in self._children(node):
+                self.visit(child, depth, scope)
+
+    @staticmethod
+    def _children(node: Any) -> list[Any]:
+        out = []
+        for attr in ("parts", "list"):
+            v = getattr(node, attr, None)
+            if isinstance(v, list):
+                out.extend(v)
+        for attr in ("command", "output"):
+            v = getattr(node, attr, None)
+            if v is not None and hasattr(v, "kind"):
+                out.append(v)
+        return out
+
+    def visit_redirect_children(self, node: Any, depth: int, scope: _Scope) -> None:
+        out = getattr(node, "output", None)
+        if out is not None and hasattr(out, "kind"):
+            self.visit(out, depth, scope)
+        hd = getattr(node, "heredoc", None)
+        if hd is not None:
+            delim = out.word if out is not None and hasattr(out, "word") else ""
+            if delim not in self._srcs[-1][1]:
+                for sub in sp.extract_substitutions(self._heredoc_body(hd)):
+                    self.analyze(sub, depth + 1, scope.copy())
+
+    @staticmethod
+    def _heredoc_body(hd: Any) -> str:
+        value = hd.value
+        return value.rsplit("\n", 1)[0] if "\n" in value else ""
+
+    def _word_value(self, w: Any, scope: _Scope) -> str:
+        raw = self.text_of(w)
+        # bashlex mis-unquotes words that mix quote styles ('a'"'"'b'), and does not decode
+        # $'...': unquote the source text ourselves.
+        value = sp.shell_unquote(raw) if raw else w.word
+        if "$" in value:
+            def sub(m: re.Match[str]) -> str:
+                name = m.group(1) or m.group(2)
+                return scope.env.get(name, m.group(0))
+
+            value = _PARAM.sub(sub, value)
+        if value == "~" or value.startswith("~/"):
+            return value
+        return value
+
+    def _static_stdout(self, node: Any) -> str | None:
+        """The text ``echo``/``printf`` with literal arguments writes, for ``... | sh``."""
+        if node.kind != "command":
+            return None
+        words = [p.word for p in node.parts if p.kind == "word"]
+        if not words:
+            return None
+        prog = posixpath.basename(words[0])
+        if prog == "echo":
+            args = words[1:]
+            while args and re.fullmatch(r"-[neE]+", args[0]):
+                args = args[1:]
+            return " ".join(args)
+        if prog == "printf" and len(words) > 1:
+            return " ".join(words[1:]).replace("\\n", "\n")
+        return None
+
+    def visit_command(self, node: Any, depth: int, scope: _Scope, stdin_text: str | None) -> None:
+        argv: list[str] = []
+        redirects: list[tuple[str, str]] = []
+        assignments: list[tuple[str, str]] = []
+        for p in node.parts:
+            if p.kind == "word":
+                argv.append(self._word_value(p, scope))
+                for child in self._children(p):
+                    self.visit(child, depth, scope)
+            elif p.kind == "assignment":
+                name, _, value = p.word.partition("=")
+                assignments.append((name.rstrip("+"), value))
+                for child in self._children(p):
+                    self.visit(child, depth, scope)
+            elif p.kind == "redirect":
+                out = p.output
+                target = self._word_value(out, scope) if hasattr(out, "word") else str(out)
+                redirects.append((p.type, target))
+                self.visit_redirect_children(p, depth, scope)
+                if p.type in ("<<", "<<-") and getattr(p, "heredoc", None) is not None:
+                    stdin_text = self._heredoc_body(p.heredoc)
+                elif p.type == "<<<":
+                    stdin_text = target
+            else:
+                self.visit(p, depth, scope)
+        if not argv:
+            for name, value in assignments:
+                if "$(" not in value and "`" not in value:
+                    scope.env[name] = value
+        text = self.text_of(node)
+        self.check_simple(argv, redirects, text, depth, scope, stdin_text)
+        if argv and argv[0] == "cd":
+            dest = argv[1] if len(argv) > 1 else "~"
+            scope.cwd = _resolve(dest, scope.cwd) if dest != "-" else None
+
+    def check_simple(self, argv: list[str], redirects: list[tuple[str, str]], text: str, depth: int, scope: _Scope, stdin_text: str | None) -> None:
+        if self.policy.allowed(text):
+            return  # allow-listed: its own rules and unwrapping are skipped
+        seen = 0
+        while True:
+            seen += 1
+            if seen > 16:
+                break
+            cmd = SimpleCommand(list(argv), redirects, text, scope.cwd)
+            for rule in self.policy.rules:
+                reason = rule.check(cmd, self.policy)
+                if reason:
+                    self.block(rule.name, reason, " ".join(argv) if text.strip() == "" else text)
+            redirects = []  # checked once
+            un = _unwrap(argv)
+            if un is None:
+                return
+            if un.script is not None:
+                self.analyze(un.script, depth + 1, scope.copy())
+                return
+            if un.stdin_shell:
+                if stdin_text:
+                    self.analyze(stdin_text, depth + 1, scope.copy())
+                return
+            assert un.argv is not None
+            argv = un.argv
+            text = " ".join(argv)
+            # env/sudo VAR=value prefixes
+            while argv and re.match(r"^[A-Za-z_]\w*=", argv[0]):
+                argv = argv[1:]
+            if not argv:
+                return
+
+    def visit_function(self, node: Any, depth: int, scope: _Scope) -> None:
+        name = node.name.word if hasattr(node, "name") else node.parts[0].word
+        body = node.body if hasattr(node, "body") else node.parts[-1]
+        if self.policy.is_enabled("fork-bomb") and _self_spawning(name, body):
+            self.block("fork-bomb", f"function {name!r} spawns copies of itself (fork bomb)", self.text_of(node))
+        self.visit(body, depth, scope.copy())
+
+
+def _call_name(node: Any) -> str | None:
+    words = [p.word for p in node.parts if p.kind == "word"]
+    for _ in range(8):
+        if not words:
+            return None
+        un = _unwrap(words)
+        if un is None or un.argv is None:
+            return words[0]
+        words = un.argv
+    return words[0] if words else None
+
+
+def _self_spawning(name: str, body: Any) -> bool:
+    """True when ``body`` calls ``name`` inside a pipeline or in the background."""
+
+    def visit(node: Any, in_pipe: bool, bg: bool) -> bool:
+        kind = node.kind
+        if kind == "pipeline":
+            cmds = [p for p in node.parts if p.kind not in ("pipe", "reservedword")]
+            return any(visit(c, in_pipe or len(cmds) > 1, bg) for c in cmds)
+        if kind == "list":
+            parts = node.parts
+            for i, p in enumerate(parts):
+                if p.kind == "operator":
+                    continue
+                nxt = parts[i + 1] if i + 1 < len(parts) else None
+                b = bg or (nxt is not None and nxt.kind == "operator" and nxt.op == "&")
+                if visit(p, in_pipe, b):
+                    return True
+            return False
+        if kind == "command":
+            if (in_pipe or bg) and _call_name(node) == name:
+                return True
+        return any(visit(c, in_pipe, bg) for c in _Analyzer._children(node))
+
+    return visit(body, False, False)
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+DEFAULT_POLICY = SafetyPolicy()
+
+
+def check_command(cmd: str, policy: SafetyPolicy | None = None) -> Verdict | None:
+    """Check one shell command string; return a :class:`Verdict` if it must be blocked."""
+    if not isinstance(cmd, str):
+        raise ValidationError(f"command must be a string, got {type(cmd).__name__}", field="command")
+    return _Analyzer(policy or DEFAULT_POLICY, cmd).run()
+
+
+class SafetyGuard(Callback):
+    """Pre-run veto of destructive shell commands (see the module docstring).
+
+    Args:
+        policy: a :class:`SafetyPolicy`; keyword overrides below are applied on top.
+        disabled_rules, protected_paths, denied_programs, allow_patterns, fail_closed,
+        block_device_reads: shortcuts for the :class:`SafetyPolicy` fields.
+
+    Raises :class:`smolvm.CommandBlockedError` from ``on_pre_run``; the message names the
+    rule and the offending sub-command, and ``error.details`` carries ``rule``,
+    ``reason`` and ``subcommand`` as well.
+    """
+
+    def __init__(self, policy: SafetyPolicy | None = None, **overrides: Any) -> None:
+        base = policy or DEFAULT_POLICY
+        if overrides:
+            allowed = {f for f in SafetyPolicy.__dataclass_fields__ if not f.startswith("_")}
+            bad = sorted(set(overrides) - allowed)
+            if bad:
+                raise ValidationError(f"unknown SafetyGuard option(s) {bad}", field=bad[0])
+            base = replace(base, **overrides)
+        self.policy = base
+
+    def check(self, command: str) -> Verdict | None:
+        return check_command(command, self.policy)
+
+    def on_pre_run(self, ctx: RunContext) -> None:
+        verdict = check_command(ctx.command, self.policy)
+        if verdict is not None:
+            err = CommandBlockedError(verdict.message, vm_id=ctx.vm_id, command=ctx.command)
+            err.details.update(rule=verdict.rule, reason=verdict.reason, subcommand=verdict.subcommand, guard=type(self).__name__)
+            err.verdict = verdict  # type: ignore[attr-defined]
+            raise err
+
+    def __repr__(self) -> str:
+        return f"SafetyGuard(policy={self.policy!r})"
+
+
+__all__ = [
+    "SafetyGuard",
+    "SafetyPolicy",
+    "Rule",
+    "SimpleCommand",
+    "Verdict",
+    "check_command",
+    "RULES",
+    "BUILTIN_RULES",
+    "DEFAULT_PROTECTED_PATHS",
+    "DEFAULT_POLICY",
+]
