@@ -83,11 +83,10 @@ def install_guest_files(root: Path, agent: Path | None, init_script: Path, *, pa
     if init.exists() or init.is_symlink():
         init.unlink()
     init.symlink_to("/usr/lib/smolvm/init")
-    # Dropbear looks for sftp-server here; Debian ships it under openssh.
-    libexec = root / "usr/libexec"
-    libexec.mkdir(parents=True, exist_ok=True)
-    if (root / "usr/lib/openssh/sftp-server").exists() and not (libexec / "sftp-server").exists():
-        (libexec / "sftp-server").symlink_to("/usr/lib/openssh/sftp-server")
+    # Debian's dropbear runs /usr/lib/sftp-server for scp/sftp; the binary lives under openssh.
+    sftp = root / "usr/lib/sftp-server"
+    if (root / "usr/lib/openssh/sftp-server").exists() and not sftp.is_symlink():
+        sftp.symlink_to("/usr/lib/openssh/sftp-server")
     (root / "etc/hostname").write_text("smolvm\n")
     (root / "etc/fstab").write_text("# mounts are made by /usr/lib/smolvm/init\n")
     (root / "etc/resolv.conf").unlink(missing_ok=True)

@@ -1,0 +1,351 @@
+"""``SmolVM``: the one-object API. ``with SmolVM() as vm: vm.run("echo hi")``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import threading
+from pathlib import Path
+from typing import Any
+
+from smolvm.callbacks import Callback, RunContext
+from smolvm.exceptions import (
+    CommandExecutionUnavailableError,
+    OperationTimeoutError,
+    SmolVMError,
+    ValidationError,
+)
+from smolvm.hooks import run_with_callbacks
+from smolvm.images.builder import artifacts_for_kernel
+from smolvm.transports.base import (
+    GUEST_ENV_FILE,
+    ExecRequest,
+    OutputCallback,
+    ProcessHandle,
+    Transport,
+)
+from smolvm.types import CommandResult, VMConfig, VMInfo, VMState, validate_env_key
+from smolvm.vm import SmolVMManager
+from smolvm.vmhost import env_file_text, parse_env_file
+
+log = logging.getLogger("smolvm")
+
+
+class SmolVM:
+    """A sandbox: one microVM plus the channel used to run commands in it.
+
+    ``SmolVM()`` uses the default image; ``SmolVM(config)`` a custom one. The VM is created
+    at construction and booted by :meth:`start` (or on entering a ``with`` block).
+    """
+
+    def __init__(self, config: VMConfig | None = None, *, mem_size_mib: int | None = None,
+                 disk_size_mib: int | None = None, vcpu_count: int | None = None,
+                 callbacks: list[Callback] | None = None, env_vars: dict[str, str] | None = None,
+                 data_dir: Path | None = None, socket_dir: Path | None = None,
+                 backend: str | None = None, comm_channel: str | None = None,
+                 manager: SmolVMManager | None = None, _vm_id: str | None = None) -> None:
+        self._callbacks: list[Callback] = []
+        for cb in callbacks or []:
+            self.add_callback(cb)
+        self._own_manager = manager is None
+        self._manager = manager or SmolVMManager(data_dir=data_dir, socket_dir=socket_dir, backend=backend)
+        self._transport: Transport | None = None
+        self._tlock = threading.Lock()
+        self._closed = False
+        if _vm_id is not None:  # reconnect (from_id)
+            self._owned = False
+            self._info = self._manager.get(_vm_id)
+            return
+        overrides = {k: v for k, v in {
+            "mem_size_mib": mem_size_mib, "disk_size_mib": disk_size_mib, "vcpu_count": vcpu_count,
+            "env_vars": env_vars, "comm_channel": comm_channel}.items() if v is not None}
+        if config is None:
+            config = VMConfig(**overrides)
+        elif not isinstance(config, VMConfig):
+            raise ValidationError(f"config must be a VMConfig, got {type(config).__name__}", field="config")
+        elif overrides:
+            config = VMConfig(**{**config.model_dump(), **overrides})
+        self._owned = True
+        self._info = self._manager.create(config)
+
+    # ------------------------------------------------------------------ reconnect
+    @classmethod
+    def from_id(cls, vm_id: str, **kwargs: Any) -> SmolVM:
+        """Attach to an existing VM (any process). On ``with`` exit it is stopped, not deleted."""
+        callbacks = kwargs.pop("callbacks", None)
+        mgr = SmolVMManager.from_id(vm_id, **kwargs)
+        vm = cls(manager=mgr, _vm_id=vm_id, callbacks=callbacks)
+        vm._own_manager = True
+        return vm
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vm_id(self) -> str:
+        return self._info.vm_id
+
+    @property
+    def info(self) -> VMInfo:
+        """The VM's record (cached; :meth:`refresh` re-reads it)."""
+        return self._info
+
+    @property
+    def status(self) -> VMState:
+        return self.refresh().status
+
+    @property
+    def data_dir(self) -> Path:
+        return self._manager.data_dir
+
+    @property
+    def manager(self) -> SmolVMManager:
+        return self._manager
+
+    def refresh(self) -> VMInfo:
+        self._info = self._manager.get(self.vm_id)
+        return self._info
+
+    def get_ip(self) -> str | None:
+        """The guest's IP address (on user-mode networking, reachable only through forwards)."""
+        return self._info.network.guest_ip
+
+    def add_callback(self, callback: Callback) -> SmolVM:
+        """Register a callback (fires after those already registered); returns ``self``."""
+        if not isinstance(callback, Callback):
+            raise TypeError(f"callback must be a smolvm.Callback instance, got {type(callback).__name__}")
+        self._callbacks.append(callback)
+        return self
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, boot_timeout: float = 30.0) -> SmolVM:
+        """Boot the VM and wait up to ``boot_timeout`` seconds until it is ready; returns self."""
+        self._info = self._manager.start(self.vm_id, boot_timeout=boot_timeout)
+        return self
+
+    def stop(self, timeout: float = 3.0) -> SmolVM:
+        """Shut down cleanly, killing the VM after ``timeout`` seconds."""
+        self._close_transport()
+        self._info = self._manager.stop(self.vm_id, timeout=timeout)
+        return self
+
+    def delete(self) -> None:
+        """Remove the VM, its forwards, state and disk (unless ``retain_disk_on_delete``)."""
+        self._close_transport()
+        self._manager.delete(self.vm_id)
+
+    def close(self) -> None:
+        """Release connections and handles (not the VM). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_transport()
+        if self._own_manager:
+            self._manager.close()
+
+    def pause(self) -> SmolVM:
+        self._info = self._manager.pause(self.vm_id)
+        return self
+
+    def resume(self) -> SmolVM:
+        self._info = self._manager.resume(self.vm_id)
+        return self
+
+    def __enter__(self) -> SmolVM:
+        if self._owned and self.refresh().status in (VMState.CREATED, VMState.STOPPED):
+            try:
+                self.start()
+            except BaseException:
+                self._teardown()
+                raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._teardown()
+
+    def _teardown(self) -> None:
+        try:
+            if self._owned:
+                # The disk goes with the VM, so a graceful guest shutdown would be wasted
+                # time — unless the disk is kept.
+                self._close_transport()
+                if self._info.config.retain_disk_on_delete and self.refresh().status is VMState.RUNNING:
+                    self._manager.stop(self.vm_id, timeout=3.0)
+                self._manager.delete(self.vm_id)
+            elif self.refresh().status in (VMState.RUNNING, VMState.PAUSED):
+                self.stop()
+        finally:
+            self.close()
+
+    # ------------------------------------------------------------------ channel
+    def _has_agent(self) -> bool:
+        kp = self._info.config.kernel_path
+        art = artifacts_for_kernel(kp) if kp else None
+        return bool(art and art.has_agent)
+
+    def _channel(self) -> Transport:
+        with self._tlock:
+            if self._transport is not None:
+                return self._transport
+            info = self.refresh()
+            if info.status is not VMState.RUNNING:
+                raise CommandExecutionUnavailableError(
+                    f"VM {self.vm_id} is {info.status.value}, not running",
+                    "start it first: vm.start() (or use `with SmolVM(...) as vm:`)", self.vm_id)
+            self._transport = self._manager.transport(self.vm_id, self._choose_channel(info))
+            return self._transport
+
+    def _choose_channel(self, info: VMInfo) -> str:
+        want = info.config.comm_channel
+        if want == "auto":
+            return "agent" if self._has_agent() else "ssh"
+        return want
+
+    def _close_transport(self) -> None:
+        with self._tlock:
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+
+    @property
+    def channel(self) -> str | None:
+        """The command channel in use ("agent" | "ssh"), or None before the first command."""
+        return self._transport.name if self._transport else None
+
+    def can_run_commands(self) -> bool:
+        """True when the VM runs and has an agent or an SSH-capable image."""
+        info = self.refresh()
+        if info.status is not VMState.RUNNING:
+            return False
+        if self._has_agent():
+            return True
+        return "init=" in info.config.boot_args and info.network.ssh_host_port is not None
+
+    def wait_for_ssh(self, timeout: float = 60.0) -> None:
+        """Block until SSH answers (``timeout`` seconds) — for custom boot sequences."""
+        self._manager.transport(self.vm_id, "ssh").wait_ready(timeout)
+
+    # ------------------------------------------------------------------ commands
+    def run(self, command: str, timeout: int = 30, shell: str = "login", *,
+            env: dict[str, str] | None = None, cwd: str | None = None, stdin: bytes | None = None,
+            on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None) -> CommandResult:
+        """Run ``command`` in the guest and wait for it.
+
+        Args:
+            command: shell command line.
+            timeout: seconds for the whole command; on expiry the guest process tree is
+                killed and ``OperationTimeoutError`` is raised. ``None`` waits forever.
+            shell: "login" (loads /etc/profile and smolvm_env.sh) or "raw" (no profile).
+            on_stdout/on_stderr: called with each output chunk (bytes) as it arrives.
+        """
+        req = self._request(command, timeout, shell, env, cwd, stdin)
+        ctx = RunContext(vm_id=self.vm_id, command=command, shell=shell, timeout=timeout)
+        return run_with_callbacks(
+            self._callbacks, ctx,
+            lambda: self._channel().exec(req, on_stdout=on_stdout, on_stderr=on_stderr))
+
+    def spawn(self, command: str, shell: str = "login", *, env: dict[str, str] | None = None,
+              cwd: str | None = None, on_stdout: OutputCallback | None = None,
+              on_stderr: OutputCallback | None = None) -> ProcessHandle:
+        """Start ``command`` in the background; returns a handle (wait/kill/stdout/stderr).
+
+        Pre-run callbacks can veto it like :meth:`run`."""
+        req = self._request(command, None, shell, env, cwd, None)
+        ctx = RunContext(vm_id=self.vm_id, command=command, shell=shell, timeout=0)
+        for cb in self._callbacks:
+            cb.on_pre_run(ctx)
+        return self._channel().spawn(req, on_stdout=on_stdout, on_stderr=on_stderr)
+
+    @staticmethod
+    def _request(command: str, timeout: float | None, shell: str, env: dict[str, str] | None,
+                 cwd: str | None, stdin: bytes | None) -> ExecRequest:
+        if not isinstance(command, str) or not command.strip():
+            raise ValidationError("command must be a non-empty string", field="command")
+        if shell not in ("login", "raw"):
+            raise ValidationError(f"shell must be 'login' or 'raw', got {shell!r}", field="shell")
+        if timeout is not None and timeout <= 0:
+            raise ValidationError(f"timeout must be > 0 seconds, got {timeout}", field="timeout")
+        for k in env or {}:
+            try:
+                validate_env_key(k)
+            except ValueError as exc:
+                raise ValidationError(str(exc), field="env") from None
+        return ExecRequest(command, shell, timeout, dict(env or {}), cwd, stdin)  # type: ignore[arg-type]
+
+    async def arun(self, command: str, timeout: int = 30, shell: str = "login", **kw: Any) -> CommandResult:
+        """``run`` for asyncio code: the same core, on a worker thread."""
+        return await asyncio.to_thread(self.run, command, timeout, shell, **kw)
+
+    # ------------------------------------------------------------------ env vars
+    def list_env_vars(self) -> dict[str, str]:
+        """Variables in the guest's /etc/profile.d/smolvm_env.sh."""
+        res = self._channel().exec(ExecRequest(f"cat {GUEST_ENV_FILE} 2>/dev/null; true", "raw", 30))
+        return parse_env_file(res.stdout)
+
+    def set_env_vars(self, env_vars: dict[str, str], *, merge: bool = True) -> dict[str, str]:
+        """Persist variables for login-shell commands (survive stop/start); returns all vars."""
+        try:
+            for k, v in env_vars.items():
+                validate_env_key(k)
+                if "\x00" in str(v):
+                    raise ValueError(f"value of {k} contains a NUL byte")
+        except ValueError as exc:
+            raise ValidationError(str(exc), field="env_vars") from None
+        current = self.list_env_vars() if merge else {}
+        current.update({k: str(v) for k, v in env_vars.items()})
+        self._write_env(current)
+        return current
+
+    def unset_env_vars(self, keys: list[str]) -> dict[str, str]:
+        current = self.list_env_vars()
+        for k in keys:
+            current.pop(k, None)
+        self._write_env(current)
+        return current
+
+    def _write_env(self, env: dict[str, str]) -> None:
+        text = env_file_text(env)
+        req = ExecRequest(f"cat > {GUEST_ENV_FILE}.tmp && chmod 644 {GUEST_ENV_FILE}.tmp && "
+                          f"mv {GUEST_ENV_FILE}.tmp {GUEST_ENV_FILE}", "raw", 30, stdin=text.encode())
+        res = self._channel().exec(req)
+        if not res.ok:
+            raise SmolVMError(f"writing {GUEST_ENV_FILE} failed: {res.stderr.strip()}")
+        self._manager.set_config_env(self.vm_id, env)
+
+    # ------------------------------------------------------------------ files
+    def upload_file(self, local_path: str | Path, guest_path: str, mode: int | None = None) -> None:
+        """Copy a host file into the guest (streamed; keeps its permissions unless ``mode``)."""
+        p = Path(local_path).expanduser()
+        if not p.is_file():
+            raise ValidationError(f"local file does not exist: {p}", field="local_path")
+        self._channel().upload(p, guest_path, mode)
+
+    def download_file(self, guest_path: str, local_path: str | Path) -> None:
+        """Copy a guest file to the host (streamed; keeps its permissions)."""
+        self._channel().download(guest_path, Path(local_path).expanduser())
+
+    # ------------------------------------------------------------------ SSH strings
+    def ssh_commands(self, ssh_user: str = "root", key_path: str | Path | None = None,
+                     public_host: str | None = None) -> dict[str, str]:
+        """Shell-ready "ssh", "scp_to_guest" and "scp_from_guest" commands (host key pinned)."""
+        cmds = self._manager.get_ssh_commands(self.vm_id, ssh_user=ssh_user, key_path=key_path,
+                                              public_host=public_host)
+        ssh = cmds.get("localhost_port") or cmds.get("private_ip")
+        if ssh is None:
+            raise CommandExecutionUnavailableError(
+                f"VM {self.vm_id} has no SSH endpoint (network={self._info.config.network})",
+                "create it with network='user' or 'tap'", self.vm_id)
+        argv = shlex.split(ssh)
+        target = argv[-1]
+        opts = argv[1:-1]
+        scp_opts = [("-P" if o == "-p" else o) for o in opts]
+        out = dict(cmds)
+        out["ssh"] = ssh
+        out["scp_to_guest"] = shlex.join(["scp", *scp_opts]) + f" <local> {target}:<remote>"
+        out["scp_from_guest"] = shlex.join(["scp", *scp_opts]) + f" {target}:<remote> <local>"
+        return out
+
+    def __repr__(self) -> str:
+        return f"SmolVM(vm_id={self.vm_id!r}, status={self._info.status.value})"
+
+
+__all__ = ["SmolVM", "OperationTimeoutError"]

@@ -1,0 +1,55 @@
+"""Callback dispatch around one command. Runs in the facade, before a transport is chosen,
+so the agent and SSH channels behave identically."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from smolvm.callbacks import Callback, RunContext
+from smolvm.types import CommandResult
+
+log = logging.getLogger("smolvm.callbacks")
+
+
+def run_with_callbacks(callbacks: Sequence[Callback], ctx: RunContext,
+                       execute: Callable[[], CommandResult]) -> CommandResult:
+    """Pre-run hooks may veto (their exception propagates); observers never break a run."""
+    for cb in callbacks:
+        try:
+            cb.on_pre_run(ctx)
+        except BaseException as exc:
+            _notify_blocked(callbacks, ctx, exc, cb)
+            raise
+    try:
+        result = execute()
+    except Exception as exc:
+        ctx.error = exc
+        for cb in callbacks:
+            _observe(cb.on_run_error, ctx, "on_run_error", cb)
+        raise
+    ctx.result = result
+    for cb in callbacks:
+        _observe(cb.on_post_run, ctx, "on_post_run", cb)
+    return result
+
+
+def _observe(hook: Callable[[RunContext], None], ctx: RunContext, name: str, cb: Callback) -> None:
+    try:
+        hook(ctx)
+    except Exception:
+        log.exception("%s.%s raised; ignored (observer hooks cannot affect a command)",
+                      type(cb).__name__, name)
+
+
+def _notify_blocked(callbacks: Sequence[Callback], ctx: RunContext, exc: BaseException,
+                    blocker: Callback) -> None:
+    """Optional ``on_blocked(ctx, error)`` hook (e.g. AuditLog records vetoed commands)."""
+    for cb in callbacks:
+        hook = getattr(cb, "on_blocked", None)
+        if hook is None:
+            continue
+        try:
+            hook(ctx, exc)
+        except Exception:
+            log.exception("%s.on_blocked raised; ignored", type(cb).__name__)
