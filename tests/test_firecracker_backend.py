@@ -40,7 +40,7 @@ from smolvm.backends.firecracker import (  # noqa: E402
     vsock_connect,
 )
 from smolvm.backends.firecracker_api import FirecrackerAPI  # noqa: E402
-from smolvm.exceptions import BackendError, NetworkError, SnapshotError  # noqa: E402
+from smolvm.exceptions import BackendError, ImageError, NetworkError, SnapshotError  # noqa: E402
 from smolvm.host.kvm import KVMProbe  # noqa: E402
 
 BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off init=/init smolvm.x=1"
@@ -211,6 +211,14 @@ def test_qcow2_disk_is_refused(backend, short_dir):
     spec.disks[0].format = "qcow2"
     with pytest.raises(BackendError, match="raw images only"):
         backend.launch(spec)
+
+
+def test_missing_kernel_is_an_image_error(backend, short_dir):
+    spec = make_spec(short_dir / "vm1")
+    spec.kernel = short_dir / "no-such-vmlinux"
+    with pytest.raises(ImageError, match="kernel"):
+        backend.launch(spec)
+    assert not spec.control_socket.exists()
 
 
 def test_vm_id_is_mapped_to_a_valid_instance_id(backend, short_dir, pids):

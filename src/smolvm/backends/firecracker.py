@@ -43,7 +43,7 @@ from typing import Any
 
 from smolvm.backends.base import Backend, DiskSpec, LaunchSpec
 from smolvm.backends.firecracker_api import UNIX_PATH_MAX, FirecrackerAPI, wait_for_socket
-from smolvm.exceptions import BackendError, NetworkError, SnapshotError
+from smolvm.exceptions import BackendError, ImageError, NetworkError, SnapshotError
 from smolvm.host.kvm import KVMProbe, probe_kvm, probe_kvm_cached
 
 __all__ = [
@@ -399,7 +399,7 @@ class FirecrackerBackend(Backend):
         else:
             for p, what in ((spec.kernel, "kernel"), (spec.initrd, "initrd")):
                 if p is not None and not Path(p).is_file():
-                    raise BackendError(f"{what} {p} does not exist", {"vm_id": spec.vm_id})
+                    raise ImageError(f"{what} {p} does not exist", {"vm_id": spec.vm_id, "path": str(p)})
             _remove_stale_socket(Path(spec.agent_socket), "agent socket")
 
         proc = self._start_process(spec)
