@@ -351,6 +351,8 @@ def test_restore_sequence(backend, short_dir, pids):
     }
     assert instance_state(spec) == "Running"
     assert src.agent_socket.exists()
+    backend.wait_incoming(spec)  # no-op: the load was synchronous
+    assert backend.status(spec) == "running"
 
 
 def test_restore_clone_with_new_paths(backend, short_dir, pids):

@@ -521,6 +521,16 @@ class FirecrackerBackend(Backend):
     def resume(self, spec: LaunchSpec) -> None:
         self._api(spec).patch("/vm", {"state": "Resumed"})
 
+    def status(self, spec: LaunchSpec) -> str:
+        """"prelaunch" | "running" | "paused" (QMP-style words, as the QEMU backend says)."""
+        state = self._api(spec).get("/").get("state", "")
+        return {"Not started": "prelaunch", "Running": "running", "Paused": "paused"}.get(state, state.lower())
+
+    def wait_incoming(self, spec: LaunchSpec, timeout: float = 60.0) -> None:
+        """Parity with the QEMU backend: ``PUT /snapshot/load`` is synchronous, so a restored
+        VM is fully loaded when :meth:`launch` returns; this only checks the VMM answers."""
+        FirecrackerAPI(spec.control_socket, timeout=timeout).get("/")
+
     def save_state(self, spec: LaunchSpec, state_path: Path) -> None:
         vmstate, mem, meta_path = snapshot_files(Path(state_path))
         vmstate.parent.mkdir(parents=True, exist_ok=True)
