@@ -1,0 +1,290 @@
+"""Wire format and connection machinery of the guest-agent channel (host side).
+
+The frame layout and ops are defined in ``src/smolvm/guest/agent.h``; keep both in step.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from smolvm.exceptions import OperationTimeoutError, SmolVMError, TransportError, ValidationError
+from smolvm.transports.base import OutputCallback
+
+log = logging.getLogger("smolvm.transports.agent")
+
+PROTO_VERSION = 1
+SYNC_MAGIC = b"\x00SMOLVM\x01SYNC\xa5\x5a\xc3\x3c"
+HDR = struct.Struct("<2sBBII")  # b"SV", op, flags, stream id, payload length
+MAX_PAYLOAD = 256 * 1024  # the agent's limit for host -> agent frames
+CHUNK = 64 * 1024
+# After a host died mid-frame the agent may still expect that frame's payload: this many
+# zero bytes complete any such frame and force the agent to look for SYNC_MAGIC again.
+_PADDING = MAX_PAYLOAD + 64
+#: Seconds without a HELLO reply before the handshake is retried with padding.
+_RETRY_AFTER = 0.5
+
+(OP_HELLO, OP_PING, OP_EXEC, OP_STDIN, OP_KILL) = (0x01, 0x02, 0x10, 0x11, 0x12)
+(OP_WRITE_FILE, OP_FILE_DATA, OP_FILE_END, OP_READ_FILE, OP_FILE_INFO) = (0x20, 0x21, 0x22, 0x23, 0x24)
+(OP_SET_TIME, OP_ADD_ENTROPY, OP_SET_HOSTNAME, OP_SHUTDOWN) = (0x30, 0x31, 0x32, 0x33)
+(OP_STARTED, OP_STDOUT, OP_STDERR, OP_EXIT, OP_OK, OP_ERROR) = (0x40, 0x41, 0x42, 0x43, 0x7E, 0x7F)
+FLAG_EOF = 0x01
+EXEC_STDIN, EXEC_ENV_REPLACE = 0x01, 0x02
+WF_FSYNC, WF_MKDIRS = 0x01, 0x02
+XF_TIMED_OUT = 0x01
+
+class AgentError(TransportError):
+    """The agent refused or failed an operation (``errno`` is the guest's errno, or 0)."""
+
+    def __init__(self, message: str, err: int = 0, details: dict | None = None) -> None:
+        d = dict(details or {})
+        d.setdefault("errno", err)
+        super().__init__(message, d)
+        self.errno = err
+
+
+class GuestFileNotFoundError(AgentError, FileNotFoundError):
+    """A guest path does not exist (also catchable as ``FileNotFoundError``)."""
+
+
+def _agent_error(payload: bytes, what: str) -> AgentError:
+    err = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0
+    text = payload[4:].decode("utf-8", "replace")
+    cls = GuestFileNotFoundError if err == errno_mod.ENOENT else AgentError
+    return cls(f"{what}: {text}" if what else text, err)
+
+
+def _enc(s: str, what: str) -> bytes:
+    b = s.encode("utf-8", "surrogateescape")
+    if b"\0" in b:
+        raise ValidationError(f"{what} contains a NUL byte", field=what)
+    return b
+
+
+class _Stream:
+    """State of one request; frames arrive on the reader thread."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: SmolVMError | None = None
+        self.reply = b""
+        self.activity = time.monotonic()
+
+    def on_frame(self, op: int, flags: int, payload: bytes) -> bool:
+        """Handle a frame; return True when the stream is finished."""
+        if op == OP_ERROR:
+            self.error = _agent_error(payload, "")
+        self.reply = payload
+        return True
+
+    def fail(self, exc: SmolVMError) -> None:
+        if not self.done.is_set():
+            self.error = exc
+            self.done.set()
+
+    def wait(self, idle_timeout: float, what: str) -> None:
+        """Wait until done; time out after ``idle_timeout`` seconds without any frame."""
+        while not self.done.wait(min(idle_timeout, 0.5)):
+            if time.monotonic() - self.activity > idle_timeout:
+                raise OperationTimeoutError(f"{what}: no answer from the guest agent within {idle_timeout:g} s", idle_timeout)
+        if self.error is not None:
+            raise self.error
+
+
+class _ExecStream(_Stream):
+    def __init__(self, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        self.pid: int | None = None
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.callbacks = {OP_STDOUT: on_stdout, OP_STDERR: on_stderr}
+        self.callback_error: BaseException | None = None
+        self.exit_code = -1
+        self.timed_out = False
+
+    def on_frame(self, op: int, flags: int, payload: bytes) -> bool:
+        if op in (OP_STDOUT, OP_STDERR):
+            (self.out if op == OP_STDOUT else self.err).append(payload)
+            cb = self.callbacks[op]
+            if cb is not None and self.callback_error is None:
+                try:
+                    cb(payload)
+                except BaseException as exc:  # re-raised to the caller after the command ends
+                    log.warning("output callback raised %r", exc)
+                    self.callback_error = exc
+            return False
+        if op == OP_STARTED:
+            self.pid = struct.unpack_from("<I", payload)[0]
+            self.started.set()
+            return False
+        if op == OP_EXIT:
+            code, xflags, _sig = struct.unpack_from("<iII", payload)
+            self.exit_code, self.timed_out = code, bool(xflags & XF_TIMED_OUT)
+        elif op == OP_ERROR:
+            if self.pid is not None:  # e.g. stdin overflow: the command itself goes on
+                log.warning("guest agent: %s", _agent_error(payload, ""))
+                return False
+            self.error = _agent_error(payload, "the guest agent could not start the command")
+        self.started.set()
+        return True
+
+    def fail(self, exc: SmolVMError) -> None:
+        super().fail(exc)
+        self.started.set()
+
+
+class _ReadStream(_Stream):
+    def __init__(self, sink: Callable[[bytes], None], path: str) -> None:
+        super().__init__()
+        self.sink, self.path, self.mode = sink, path, 0o644
+
+    def on_frame(self, op: int, flags: int, payload: bytes) -> bool:
+        if op == OP_FILE_INFO:
+            self.mode = struct.unpack_from("<I", payload)[0]
+            return False
+        if op == OP_FILE_DATA:
+            try:
+                self.sink(payload)
+            except OSError as exc:
+                self.error = TransportError(f"download {self.path}: writing locally failed: {exc}")
+                return True
+            return False
+        if op == OP_ERROR:
+            self.error = _agent_error(payload, "")
+        return True
+
+
+class _Conn:
+    """One connected, HELLO'd socket plus its reader thread."""
+
+    def __init__(self, sock: socket.socket, pending: bytes) -> None:
+        self.sock = sock
+        self.streams: dict[int, _Stream] = {}
+        self.lock = threading.Lock()
+        self.send_lock = threading.Lock()
+        self.next_sid = 1
+        self.dead: SmolVMError | None = None
+        self.reader = threading.Thread(target=self._read_loop, args=(pending,), name="smolvm-agent-reader", daemon=True)
+        self.reader.start()
+
+    def open_stream(self, stream: _Stream) -> int:
+        with self.lock:
+            if self.dead is not None:
+                raise TransportError(self.dead.message)
+            sid = self.next_sid
+            self.next_sid = sid % 0xFFFFFFFF + 1
+            self.streams[sid] = stream
+            return sid
+
+    def drop_stream(self, sid: int) -> None:
+        with self.lock:
+            self.streams.pop(sid, None)
+
+    def send(self, op: int, sid: int, payload: bytes = b"", flags: int = 0) -> None:
+        data = HDR.pack(b"SV", op, flags, sid, len(payload)) + payload
+        try:
+            with self.send_lock:
+                self.sock.sendall(data)
+        except OSError as exc:
+            self.kill(TransportError(f"sending to the guest agent failed: {exc}"))
+            raise TransportError(self.dead.message if self.dead else str(exc)) from None
+
+    def _read_loop(self, buf: bytes) -> None:
+        data = bytearray(buf)
+        try:
+            while True:
+                off = 0
+                while len(data) - off >= HDR.size:
+                    magic, op, flags, sid, n = HDR.unpack_from(data, off)
+                    if magic != b"SV":
+                        raise TransportError("corrupt frame from the guest agent")
+                    if len(data) - off < HDR.size + n:
+                        break
+                    payload = bytes(data[off + HDR.size : off + HDR.size + n])
+                    off += HDR.size + n
+                    self._dispatch(op, flags, sid, payload)
+                del data[:off]
+                chunk = self.sock.recv(1 << 20)
+                if not chunk:
+                    raise TransportError("the guest agent closed the connection")
+                data += chunk
+        except SmolVMError as exc:
+            self.kill(exc)
+        except OSError as exc:
+            self.kill(TransportError(f"guest agent connection failed: {exc}"))
+
+    def _dispatch(self, op: int, flags: int, sid: int, payload: bytes) -> None:
+        with self.lock:
+            stream = self.streams.get(sid)
+        if stream is None:
+            return  # a stale HELLO reply or a stream the caller gave up on
+        stream.activity = time.monotonic()
+        if stream.on_frame(op, flags, payload):
+            self.drop_stream(sid)
+            stream.done.set()
+
+    def kill(self, exc: SmolVMError) -> None:
+        """Mark the connection dead and fail every pending request with ``exc``."""
+        with self.lock:
+            if self.dead is None:
+                self.dead = exc
+            streams, self.streams = list(self.streams.values()), {}
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        for s in streams:
+            s.fail(exc)
+
+
+def handshake(sock: socket.socket, deadline: float, buf: bytes) -> bytes:
+    """SYNC + HELLO, retried once after 1 s with padding; return bytes read past the reply."""
+    nonce = os.urandom(8)
+    hello = SYNC_MAGIC + HDR.pack(b"SV", OP_HELLO, 0, 0, 12) + struct.pack("<I", PROTO_VERSION) + nonce
+    sock.sendall(hello)
+    retry_at = time.monotonic() + _RETRY_AFTER
+    while True:
+        i = buf.find(SYNC_MAGIC)
+        if i > 0:
+            buf, i = buf[i:], 0
+        if i >= 0 and len(buf) >= i + len(SYNC_MAGIC) + HDR.size:
+            j = i + len(SYNC_MAGIC)
+            magic, op, _f, _sid, n = HDR.unpack_from(buf, j)
+            if len(buf) < j + HDR.size + n and magic == b"SV" and n < 4096:
+                pass  # wait for the rest of the reply
+            elif magic == b"SV" and op == OP_HELLO and buf[j + HDR.size + 4 : j + HDR.size + 12] == nonce:
+                version = struct.unpack_from("<I", buf, j + HDR.size)[0]
+                if version != PROTO_VERSION:
+                    raise TransportError(f"guest agent speaks protocol {version}, expected {PROTO_VERSION}")
+                return buf[j + HDR.size + n :]
+            else:
+                buf = buf[i + 1 :]  # stale output or an old reply: keep scanning
+                continue
+        elif i < 0:
+            buf = buf[-(len(SYNC_MAGIC) - 1) :]
+        now = time.monotonic()
+        if now >= deadline:
+            raise TimeoutError
+        if retry_at and now >= retry_at:
+            # The agent may be inside a frame of a host that died; only the newest nonce counts.
+            nonce = os.urandom(8)
+            hello = SYNC_MAGIC + HDR.pack(b"SV", OP_HELLO, 0, 0, 12) + struct.pack("<I", PROTO_VERSION) + nonce
+            sock.settimeout(max(deadline - now, 0.01))
+            sock.sendall(bytes(_PADDING) + hello)
+            retry_at = 0.0
+        wake = min(deadline, retry_at) if retry_at else deadline
+        sock.settimeout(max(wake - time.monotonic(), 0.01))
+        try:
+            chunk = sock.recv(65536)
+        except (TimeoutError, socket.timeout):
+            continue
+        if not chunk:
+            raise OSError("the agent socket closed during the handshake")
+        buf += chunk
