@@ -9,6 +9,7 @@ None of them imports a machine-learning library; the classifier is passed in.
 
 from __future__ import annotations
 
+from smolvm.guards.injection import InjectionVerdict, PromptInjectionGuard
 from smolvm.guards.safety import (
     RULES,
     Rule,
@@ -20,6 +21,8 @@ from smolvm.guards.safety import (
 )
 
 __all__ = [
+    "InjectionVerdict",
+    "PromptInjectionGuard",
     "RULES",
     "Rule",
     "SafetyGuard",
