@@ -51,6 +51,12 @@ class _Model(BaseModel):
         except pydantic.ValidationError as exc:
             raise _to_validation_error(type(self).__name__, exc) from None
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except pydantic.ValidationError as exc:
+            raise _to_validation_error(type(self).__name__, exc) from None
+
 
 def _to_validation_error(model: str, exc: pydantic.ValidationError) -> ValidationError:
     err = exc.errors()[0]

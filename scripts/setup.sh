@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Idempotent host setup for SmolVM: Debian packages, a virtualenv with the project, and
+# (with --image) the default guest image. Safe to run repeatedly; installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Host packages: QEMU + qemu-img (VMM, overlays), e2fsprogs (mkfs.ext4 -d), debootstrap
+# (rootfs), kmod (module dependency resolution), musl-tools (static guest agent),
+# busybox-static (guest shell), nftables + iproute2 (TAP networking), openssh-client (ssh/scp),
+# zstd (compressed snapshots), ca-certificates.
+PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs debootstrap kmod musl-tools busybox-static
+          nftables iproute2 openssh-client zstd ca-certificates python3-venv)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+
+if [ "${1:-}" = "--image" ]; then
+  .venv/bin/python -c "from smolvm.images import ImageBuilder; print(ImageBuilder(progress=print).ensure_default().path)"
+fi
+echo "setup: ok"

@@ -1,0 +1,116 @@
+"""Shared fixtures. Like Firecracker's test framework, every VM a test starts is recorded
+and killed at teardown, and the session fails loudly if any QEMU process leaks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# One image build per machine, shared by every test's private data dir.
+IMAGE_DIR = Path(os.environ.get("SMOLVM_TEST_IMAGE_DIR", Path.home() / ".cache" / "smolvm-test" / "images"))
+os.environ["SMOLVM_IMAGE_DIR"] = str(IMAGE_DIR)
+IMAGE_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def qemu_pids_for(vm_id: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"-name smolvm-{vm_id} "], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.fixture(scope="session")
+def default_image():
+    """The default image, built once (first run on a machine: ~1 min)."""
+    from smolvm.images import ImageBuilder
+
+    return ImageBuilder(IMAGE_DIR).ensure_default()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "data"
+    monkeypatch.setenv("SMOLVM_DATA_DIR", str(d))
+    return d
+
+
+class VMTracker:
+    """Records every VM id created through it; ``cleanup`` kills and deletes them all."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from smolvm import SmolVMManager
+
+        self.data_dir = data_dir
+        self.manager = SmolVMManager(data_dir=data_dir)
+        self.vm_ids: list[str] = []
+        self.sandboxes: list = []
+
+    def sandbox(self, *args, **kwargs):
+        from smolvm import SmolVM
+
+        kwargs.setdefault("data_dir", self.data_dir)
+        vm = SmolVM(*args, **kwargs)
+        self.vm_ids.append(vm.vm_id)
+        self.sandboxes.append(vm)
+        return vm
+
+    def track(self, vm_id: str) -> str:
+        self.vm_ids.append(vm_id)
+        return vm_id
+
+    def cleanup(self) -> list[int]:
+        from smolvm.exceptions import VMNotFoundError
+
+        for vm in self.sandboxes:
+            try:
+                vm.close()
+            except Exception:
+                pass
+        for vm_id in self.vm_ids:
+            try:
+                self.manager.delete(vm_id)
+            except VMNotFoundError:
+                pass
+        leaked = [p for vm_id in self.vm_ids for p in qemu_pids_for(vm_id)]
+        for p in leaked:
+            os.kill(p, 9)
+        self.manager.close()
+        return leaked
+
+
+@pytest.fixture
+def vms(data_dir: Path, default_image) -> Iterator[VMTracker]:
+    """Factory of sandboxes/VMs in a private data dir; everything is killed at teardown."""
+    tracker = VMTracker(data_dir)
+    yield tracker
+    leaked = tracker.cleanup()
+    assert not leaked, f"QEMU processes leaked by the test: {leaked}"
+
+
+@pytest.fixture(scope="module")
+def shared_vm(tmp_path_factory: pytest.TempPathFactory, default_image):
+    """One running sandbox reused by a module's read-mostly tests."""
+    from smolvm import SmolVM
+
+    d = tmp_path_factory.mktemp("shared")
+    vm = SmolVM(data_dir=d)
+    try:
+        vm.start()
+        yield vm
+    finally:
+        vm_id = vm.vm_id
+        try:
+            vm.__exit__(None, None, None)
+        finally:
+            for p in qemu_pids_for(vm_id):
+                os.kill(p, 9)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    out = subprocess.run(["pgrep", "-af", "qemu-system-x86_64 -name smolvm-"], capture_output=True, text=True)
+    leaked = [line for line in out.stdout.splitlines() if "pytest-of-" in line]
+    if leaked:
+        print("\nFAIL: QEMU processes of test VMs still running:\n" + "\n".join(leaked))
+        session.exitstatus = 1

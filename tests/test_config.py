@@ -1,0 +1,87 @@
+"""VMConfig validation: bad values raise smolvm's ValidationError naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smolvm import ValidationError, VMConfig
+from smolvm.types import VM_ID_RE, CommandResult
+from smolvm.vm import merge_boot_args
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"vm_id": "bad id"}, "vm_id"),
+        ({"vm_id": "-leading"}, "vm_id"),
+        ({"vm_id": "x" * 64}, "vm_id"),
+        ({"vcpu_count": 0}, "vcpu_count"),
+        ({"mem_size_mib": 16}, "mem_size_mib"),
+        ({"disk_size_mib": 1}, "disk_size_mib"),
+        ({"kernel_path": "/nonexistent/vmlinux"}, "kernel_path"),
+        ({"rootfs_path": "/nonexistent/rootfs.ext4"}, "rootfs_path"),
+        ({"boot_args": "a\nb"}, "boot_args"),
+        ({"env_vars": {"1BAD": "x"}}, "env_vars"),
+        ({"env_vars": {"A-B": "x"}}, "env_vars"),
+        ({"port_forwards": {80: 8080}}, "port_forwards"),
+        ({"network": "bridge"}, "network"),
+        ({"comm_channel": "telnet"}, "comm_channel"),
+        ({"unknown_option": 1}, "unknown_option"),
+    ],
+)
+def test_invalid_config_names_field(kwargs, field):
+    with pytest.raises(ValidationError) as ei:
+        VMConfig(**kwargs)
+    assert ei.value.field == field
+    assert field in str(ei.value)
+    assert isinstance(ei.value, ValueError)  # also catchable as ValueError
+
+
+def test_valid_defaults():
+    c = VMConfig()
+    assert VM_ID_RE.match(c.vm_id)
+    assert c.mem_size_mib == 512 and c.vcpu_count == 1
+    assert "init=/init" in c.boot_args
+    assert c.comm_channel == "auto" and c.network == "user"
+
+
+def test_existing_paths_are_resolved(tmp_path: Path):
+    k = tmp_path / "k"
+    k.write_bytes(b"x")
+    c = VMConfig(kernel_path=str(k))
+    assert c.kernel_path == k.resolve()
+
+
+def test_assignment_is_validated():
+    c = VMConfig()
+    with pytest.raises(ValidationError):
+        c.mem_size_mib = 1
+
+
+@given(st.text(min_size=1, max_size=70))
+def test_vm_id_accepted_iff_pattern(vm_id: str):
+    ok = bool(VM_ID_RE.match(vm_id)) and "\n" not in vm_id
+    try:
+        VMConfig(vm_id=vm_id)
+        accepted = True
+    except ValidationError as e:
+        assert e.field == "vm_id"
+        accepted = False
+    assert accepted == ok
+
+
+def test_command_result_properties():
+    r = CommandResult(0, "  hi\n", "")
+    assert r.ok and r.output == "hi"
+    assert not CommandResult(3, "", "boom").ok
+    b = CommandResult.from_bytes(1, b"\xff\xfeA", b"")
+    assert b.stdout_bytes == b"\xff\xfeA" and "A" in b.stdout
+
+
+def test_merge_boot_args_keeps_user_values():
+    merged = merge_boot_args("console=ttyS0 panic=1 init=/init", ["panic=-1", "quiet", "tsc_early_khz=1"])
+    assert merged.split() == ["console=ttyS0", "panic=1", "init=/init", "quiet", "tsc_early_khz=1"]

@@ -1,0 +1,73 @@
+"""The SQLite state store: schema, permissions, atomic allocation across processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from smolvm import VMAlreadyExistsError, VMNotFoundError
+from smolvm.state import SCHEMA_VERSION, StateStore
+
+
+def test_schema_and_modes(tmp_path: Path):
+    s = StateStore(tmp_path / "state.db")
+    assert s.schema_version() == SCHEMA_VERSION
+    assert s.connect().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert stat.S_IMODE(os.stat(tmp_path / "state.db").st_mode) == 0o600
+    assert s.integrity_check() == "ok"
+    s.close()
+    s.close()  # idempotent
+    # Re-opening an up-to-date database runs no migration and keeps data.
+    s2 = StateStore(tmp_path / "state.db")
+    assert s2.schema_version() == SCHEMA_VERSION
+
+
+def test_newer_schema_is_refused(tmp_path: Path):
+    s = StateStore(tmp_path / "state.db")
+    s.connect().execute(f"PRAGMA user_version={SCHEMA_VERSION + 5}")
+    s.close()
+    from smolvm.state import StateError
+
+    with pytest.raises(StateError, match="newer"):
+        StateStore(tmp_path / "state.db")
+
+
+def test_vm_rows(tmp_path: Path):
+    s = StateStore(tmp_path / "state.db")
+    s.insert_vm("a", status="created", backend="qemu", config={"x": 1})
+    with pytest.raises(VMAlreadyExistsError):
+        s.insert_vm("a", status="created", backend="qemu", config={})
+    s.update_vm("a", status="running", pid=5)
+    assert s.get_vm("a")["status"] == "running"
+    assert [r["vm_id"] for r in s.list_vms("running")] == ["a"]
+    with pytest.raises(VMNotFoundError):
+        s.get_vm("b")
+    with pytest.raises(VMNotFoundError):
+        s.update_vm("b", status="x")
+    s.add_resource("a", "file", "/tmp/x")
+    s.delete_vm("a")
+    assert s.resources("a") == []
+
+
+def _reserve(db: str, vm: str, q) -> None:
+    s = StateStore(db)
+    got = [s.reserve_port(vm, "ssh", iter(range(40000, 40100))) for _ in range(10)]
+    q.put(got)
+
+
+def test_port_reservation_is_atomic_across_processes(tmp_path: Path):
+    db = str(tmp_path / "state.db")
+    StateStore(db).close()
+    q = mp.get_context("spawn").Queue()
+    procs = [mp.get_context("spawn").Process(target=_reserve, args=(db, f"vm{i}", q)) for i in range(4)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    flat = [p for r in results for p in r]
+    assert len(flat) == 40 and len(set(flat)) == 40
