@@ -9,6 +9,7 @@ None of them imports a machine-learning library; the classifier is passed in.
 
 from __future__ import annotations
 
+from smolvm.guards.audit import AuditLog, AuditRecord, AuditStore
 from smolvm.guards.injection import InjectionVerdict, PromptInjectionGuard
 from smolvm.guards.safety import (
     RULES,
@@ -21,6 +22,9 @@ from smolvm.guards.safety import (
 )
 
 __all__ = [
+    "AuditLog",
+    "AuditRecord",
+    "AuditStore",
     "InjectionVerdict",
     "PromptInjectionGuard",
     "RULES",
