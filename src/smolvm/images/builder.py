@@ -198,23 +198,38 @@ class ImageBuilder:
     # ---------------------------------------------------------------- building
     def build_image(self, name: str, *, ssh_password: str | None = None, rootfs_size_mb: int = 2048,
                     packages: list[str] | None = None, force: bool = False) -> ImageArtifacts:
-        if not name or "/" in name or name.startswith((".", "_")):
-            raise ValidationError(f"invalid image name {name!r}", field="name")
+        """Build (or return the cached) Debian image ``name``."""
         packages = list(packages or rfs.DEBIAN_PACKAGES)
+        key = self._local_inputs_key(packages, rootfs_size_mb, ssh_password, "debian")
+
+        def populate(tree: Path) -> dict:
+            base_tar = self._debian_base(packages)
+            rfs.unpack_tree(base_tar, tree)
+            return {"suite": rfs.DEBIAN_SUITE, "packages": packages,
+                    "base_key": base_tar.name.split(".")[0]}
+
+        return self.assemble(name, "debian", key, populate, rootfs_size_mb=rootfs_size_mb,
+                             ssh_password=ssh_password, force=force)
+
+    def assemble(self, name: str, distro: str, local_key: str, populate: Callable[[Path], dict], *,
+                 rootfs_size_mb: int, ssh_password: str | None, force: bool = False) -> ImageArtifacts:
+        """Shared tail of every build: ``populate`` fills a tree with a distribution; we add
+        our init and agent, pack ext4, link the shared kernel + initrd, write the manifest."""
+        if not name or "/" in name or name.startswith((".", "_")):
+            raise ValidationError(f"invalid image name {name!r}: use letters, digits, '-'", field="name")
         t0 = time.monotonic()
         with self._lock(name):
-            local_key = self._local_inputs_key(packages, rootfs_size_mb, ssh_password, "debian")
             existing = self.get(name)
             if existing and not force and existing.manifest.get("local_key") == local_key:
                 return existing
             kern = self._kernel_and_initrd()
-            base_tar = self._debian_base(packages)
             out = self.image_path(name)
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.cache_dir))
             try:
-                self._say(f"[{name}] assembling root filesystem")
+                self._say(f"[{name}] assembling root filesystem ({distro})")
                 tree = tmp / "tree"
-                rfs.unpack_tree(base_tar, tree)
+                tree.mkdir()
+                extra = populate(tree)
                 agent = self._build_agent(tmp)
                 rfs.install_guest_files(tree, agent, GUEST_DIR / "init.sh", password=ssh_password)
                 self._say(f"[{name}] writing ext4 image ({rootfs_size_mb} MiB, sparse)")
@@ -223,13 +238,11 @@ class ImageBuilder:
                 for f in ("vmlinux", "initrd.cpio"):
                     os.link(kern / f, tmp / f)
                 manifest = {
-                    "name": name, "distro": "debian", "suite": rfs.DEBIAN_SUITE,
-                    "packages": packages, "rootfs_size_mb": rootfs_size_mb,
-                    "kernel_key": kern.name, "base_key": base_tar.name.split(".")[0],
-                    "kernel": json.loads((kern / "kernel.json").read_text()),
+                    "name": name, "distro": distro, "rootfs_size_mb": rootfs_size_mb,
+                    "kernel_key": kern.name, "kernel": json.loads((kern / "kernel.json").read_text()),
                     "local_key": local_key, "agent": agent is not None, "ssh": True,
                     "password": bool(ssh_password), "built_at": time.time(),
-                    "build_seconds": round(time.monotonic() - t0, 1),
+                    "build_seconds": round(time.monotonic() - t0, 1), **extra,
                 }
                 (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
                 if out.exists():
