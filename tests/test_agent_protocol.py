@@ -595,3 +595,64 @@ def test_latency_report(t, capsys):
     with capsys.disabled():
         print(f"\n[agent latency] exec 'true' median {samples[100] * 1e3:.2f} ms, "
               f"p90 {samples[180] * 1e3:.2f} ms; ping median {pings[100] * 1e3:.3f} ms")
+
+
+def test_firecracker_vsock_connect_preamble(agent, shell, tmp_path):
+    """Firecracker's vsock UDS: the host sends "CONNECT <port>\\n" and gets "OK <n>\\n"."""
+    uds = tmp_path / "fc.vsock"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(uds))
+    srv.listen()
+    ports: list[bytes] = []
+
+    def serve_one():
+        c, _ = srv.accept()
+        line = b""
+        while not line.endswith(b"\n"):
+            line += c.recv(1)
+        ports.append(line)
+        up = socket.socket(socket.AF_UNIX)
+        up.connect(str(agent.sock))
+        c.sendall(b"OK 1073741824\n")
+        pumps = [threading.Thread(target=_pump, args=(a, b), daemon=True) for a, b in ((c, up), (up, c))]
+        for p in pumps:
+            p.start()
+
+    threading.Thread(target=serve_one, daemon=True).start()
+    tr = AgentTransport(uds, shell_path=shell, vsock_port=52)
+    try:
+        assert run(tr, "echo via-vsock").stdout == "via-vsock\n"
+        assert ports == [b"CONNECT 52\n"]
+    finally:
+        tr.close()
+        srv.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_wait_ready_before_agent_starts(agent_bin, shell, tmp_path):
+    sock = tmp_path / "late.sock"
+    tr = AgentTransport(sock, shell_path=shell)
+    holder: list[Agent] = []
+    timer = threading.Timer(0.5, lambda: holder.append(Agent(agent_bin, sock)))
+    timer.start()
+    try:
+        tr.wait_ready(20)
+        assert run(tr, "echo late").stdout == "late\n"
+    finally:
+        timer.join()
+        tr.close()
+        for a in holder:
+            a.stop()

@@ -180,7 +180,10 @@ class AgentTransport(Transport):
             sock.settimeout(None)
         except (TimeoutError, socket.timeout):
             sock.close()
-            raise self._unavailable(f"no HELLO from the agent within {timeout:g} s") from None
+            raise self._unavailable(
+                f"no HELLO from the agent within {timeout:g} s (guest still booting, no agent in "
+                "the image, or another process holds the channel: QEMU serves one client at a time)"
+            ) from None
         except OSError as exc:
             sock.close()
             raise self._unavailable(str(exc)) from None
