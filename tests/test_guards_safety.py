@@ -111,6 +111,17 @@ BLOCKED = [
     ("case x in x) rm -rf /;; esac", "recursive-delete"),
     ("time rm -rf /", "recursive-delete"),
     ("x=(1 2); rm -rf /", "recursive-delete"),
+    ("for ((i=0;i<3;i++)); do rm -rf /; done", "recursive-delete"),
+    ("for ((i=0; i<$(mkfs); i++)); do :; done", "filesystem-format"),
+    # word splitting, aliases, traps, find -exec
+    ("rm${IFS}-rf${IFS}/", "recursive-delete"),
+    ('X="rm -rf /"; $X', "recursive-delete"),
+    ("a=r; b=m; $a$b -rf /", "recursive-delete"),
+    ("alias x='rm -rf /'", "recursive-delete"),
+    ("trap 'rm -rf /' EXIT", "recursive-delete"),
+    ("find . -exec sh -c 'rm -rf /' \\;", "recursive-delete"),
+    ("cd ~ && rm -rf *", "recursive-delete"),
+    ("cd / && rm -rf .", "recursive-delete"),
     ("cat > f <<'EOF'\nhi\nEOF\nrm -rf /", "recursive-delete"),
 ]
 
@@ -162,6 +173,21 @@ ALLOWED = [
     "mkdir -p /opt/app",
     "ls | xargs -n1 echo",
     "env FOO=1 python app.py",
+    'X="rm -rf /"; echo "$X"',
+    "alias ll='ls -la'",
+    "trap - EXIT",
+    "find . -type f -name '*.log' -exec rm {} \\;",
+    "for ((i=0; i<3; i++)); do echo $i; done",
+    "git commit -m \"$(cat <<'EOF'\nFix bug\nEOF\n)\"",
+    "if [[ \"$OSTYPE\" == \"linux-gnu\"* ]]; then echo linux; fi",
+    "[[ $x =~ ^(a|b)$ ]] && echo m",
+    "declare -A m=([a]=1 [b]=2)",
+    "case \"$1\" in\n  start) echo start ;;\n  stop|halt) echo stop ;;\n  *) echo usage ;;\nesac",
+    "count=$(( $(wc -l < f) + 1 ))",
+    "exec > >(tee log.txt) 2>&1",
+    "coproc cat",
+    "nohup python3 server.py > server.log 2>&1 &",
+    "retry() { \"$@\" || retry \"$@\"; }",
 ]
 
 

@@ -236,6 +236,25 @@ def _rewrite_double_brackets(s: str) -> str:
     return s
 
 
+def _rewrite_arith_for(s: str) -> str:
+    """``for ((i=0; i<n; i++))`` → ``for _ in $(: ...)`` (the loop body is kept)."""
+    for _ in range(64):
+        levels = quote_levels(s)
+        hit = None
+        for m in re.finditer(r"\bfor\s*\(\(", s):
+            if levels[m.start()] == 0 and _at_command_position(s, m.start()):
+                hit = m
+                break
+        if hit is None:
+            return s
+        open_idx = hit.end() - 2
+        j = _match_paren(s, open_idx, levels)
+        if j is None:
+            return s
+        s = s[: hit.start()] + "for _ in " + _subs_replacement(s[open_idx + 2 : j - 1]) + s[j + 1 :]
+    return s
+
+
 def _rewrite_keywords(s: str) -> str:
     levels = quote_levels(s)
     for i in reversed(_word_at(s, levels, "time")):
@@ -343,7 +362,7 @@ def unquote_heredoc_delimiters(s: str) -> tuple[str, set[str]]:
 
 def rewrite_unsupported(s: str) -> str:
     """Apply every rewrite; each is a no-op when its construct is absent."""
-    for fn in (_rewrite_arithmetic, _rewrite_double_brackets, _rewrite_case, _rewrite_arrays, _rewrite_keywords):
+    for fn in (_rewrite_arith_for, _rewrite_arithmetic, _rewrite_double_brackets, _rewrite_case, _rewrite_arrays, _rewrite_keywords):
         try:
             s = fn(s)
         except (IndexError, ValueError, AssertionError):  # pragma: no cover - defensive

@@ -647,7 +647,7 @@ class _Blocked(Exception):
 
 class _Scope:
     def __init__(self, env: dict[str, str] | None = None, cwd: str | None = None) -> None:
-        self.env = dict(env or {"HOME": "~"})
+        self.env = dict(env or {"HOME": "~", "IFS": " "})
         self.cwd = cwd
 
     def copy(self) -> _Scope:
@@ -829,7 +829,12 @@ class _Analyzer:
         assignments: list[tuple[str, str]] = []
         for p in node.parts:
             if p.kind == "word":
-                argv.append(self._word_value(p, scope))
+                value = self._word_value(p, scope)
+                raw = self.text_of(p)
+                if "$" in raw and not any(q in raw for q in "\"'\\") and value.split() != [value]:
+                    argv.extend(value.split())  # word splitting of an unquoted expansion
+                else:
+                    argv.append(value)
                 for child in self._children(p):
                     self.visit(child, depth, scope)
             elif p.kind == "assignment":
@@ -872,6 +877,7 @@ class _Analyzer:
                 if reason:
                     self.block(rule.name, reason, " ".join(argv) if text.strip() == "" else text)
             redirects = []  # checked once
+            self._check_embedded(argv, depth, scope)
             un = _unwrap(argv)
             if un is None:
                 return
@@ -890,6 +896,31 @@ class _Analyzer:
                 argv = argv[1:]
             if not argv:
                 return
+
+    def _check_embedded(self, argv: list[str], depth: int, scope: _Scope) -> None:
+        """Command strings and argv embedded in arguments: alias, trap, find -exec."""
+        prog = posixpath.basename(argv[0]) if argv else ""
+        args = argv[1:]
+        if prog == "alias":
+            for a in args:
+                if "=" in a:
+                    self.analyze(a.split("=", 1)[1], depth + 1, scope.copy())
+        elif prog == "trap" and args and args[0] not in ("-", "-p", "-l", "--"):
+            self.analyze(args[0], depth + 1, scope.copy())
+        elif prog == "find":
+            i = 0
+            while i < len(args):
+                if args[i] in ("-exec", "-execdir", "-ok", "-okdir"):
+                    j = i + 1
+                    while j < len(args) and args[j] not in (";", "+"):
+                        j += 1
+                    inner = args[i + 1 : j]
+                    if inner:
+                        if depth + 1 > self.policy.max_depth:
+                            self.analyze("", depth + 1, scope)
+                        self.check_simple(inner, [], " ".join(inner), depth + 1, scope.copy(), None)
+                    i = j
+                i += 1
 
     def visit_function(self, node: Any, depth: int, scope: _Scope) -> None:
         name = node.name.word if hasattr(node, "name") else node.parts[0].word
