@@ -183,6 +183,13 @@ def test_large_stdin(t):
     assert run(t, "cat >/dev/null; echo done", stdin=b"").stdout == "done\n"
 
 
+def test_stdin_overflow_is_reported(t):
+    """The agent buffers at most 64 MiB of stdin for a command that does not read it."""
+    with pytest.raises(AgentError, match="stdin"):
+        run(t, "sleep 0.3", stdin=bytes(70 << 20))
+    assert run(t, "echo ok").stdout == "ok\n"
+
+
 def test_missing_shell_is_a_transport_error(agent):
     tr = AgentTransport(agent.sock, shell_path="/no/such/shell")
     with pytest.raises(TransportError, match="could not start"):

@@ -55,6 +55,13 @@ def build_agent(out_path: Path, cc: str | None = None) -> Path:
     statically. Raises :class:`~smolvm.exceptions.ImageError` when no compiler is found or
     compilation fails (with the compiler's message).
     """
+    missing = [str(p) for p in AGENT_SOURCES if not p.is_file()]
+    if missing:
+        raise ImageError(
+            f"guest agent sources missing: {', '.join(missing)}. Reinstall smolvm (the package "
+            "data must include src/smolvm/guest/*.c and *.h).",
+            {"missing": missing},
+        )
     compiler = _find_compiler(cc)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,6 @@ class AgentProcessHandle(ProcessHandle):
     def __init__(self, conn: _Conn, sid: int, stream: _ExecStream, req: ExecRequest, start: float) -> None:
         self._conn, self._sid, self._s, self._req, self._start = conn, sid, stream, req, start
         self.pid = stream.pid
-        self._duration: float | None = None
 
     def wait(self, timeout: float | None = None) -> CommandResult:
         """Block until the command ends (``timeout`` seconds, None = forever).
@@ -79,9 +78,7 @@ class AgentProcessHandle(ProcessHandle):
         if the agent killed it because it exceeded the request's own timeout."""
         if not self._s.done.wait(timeout):
             raise OperationTimeoutError(f"process {self.pid} still running after {timeout:g} s", timeout)
-        if self._duration is None:
-            self._duration = time.monotonic() - self._start
-        return _result(self._s, self._req, self._duration)
+        return _result(self._s, self._req, self._s.activity - self._start)
 
     def kill(self, signal: int = 9) -> None:
         """Send ``signal`` to the command's process group in the guest."""
@@ -113,6 +110,8 @@ def _result(s: _ExecStream, req: ExecRequest, duration: float) -> CommandResult:
             req.timeout,
             {"stdout": out.decode("utf-8", "replace"), "stderr": err.decode("utf-8", "replace")},
         )
+    if s.late_error is not None:
+        raise s.late_error
     if s.callback_error is not None:
         raise s.callback_error
     return CommandResult.from_bytes(s.exit_code, out, err, duration)
@@ -284,7 +283,7 @@ class AgentTransport(Transport):
                 f"{req.command[:200]!r}",
                 req.timeout,
             )
-        return _result(stream, req, time.monotonic() - start)
+        return _result(stream, req, stream.activity - start)
 
     def spawn(
         self,

@@ -106,6 +106,7 @@ class _ExecStream(_Stream):
         self.err: list[bytes] = []
         self.callbacks = {OP_STDOUT: on_stdout, OP_STDERR: on_stderr}
         self.callback_error: BaseException | None = None
+        self.late_error: SmolVMError | None = None
         self.exit_code = -1
         self.timed_out = False
 
@@ -128,8 +129,8 @@ class _ExecStream(_Stream):
             code, xflags, _sig = struct.unpack_from("<iII", payload)
             self.exit_code, self.timed_out = code, bool(xflags & XF_TIMED_OUT)
         elif op == OP_ERROR:
-            if self.pid is not None:  # e.g. stdin overflow: the command itself goes on
-                log.warning("guest agent: %s", _agent_error(payload, ""))
+            if self.pid is not None:  # e.g. stdin overflow: the command goes on, reported at exit
+                self.late_error = _agent_error(payload, "guest agent")
                 return False
             self.error = _agent_error(payload, "the guest agent could not start the command")
         self.started.set()
