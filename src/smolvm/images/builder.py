@@ -124,7 +124,7 @@ class ImageBuilder:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _local_inputs_key(self, packages: list[str], size_mb: int, password: str | None, distro: str) -> str:
-        files = [GUEST_DIR / "init.sh", GUEST_DIR / "stage1-init.sh", *_agent_sources()]
+        files = [GUEST_DIR / "init.sh", GUEST_DIR / "stage1-init.sh", Path(rfs.__file__), *_agent_sources()]
         blobs = [p.read_bytes() for p in files if p.exists()]
         return _sha(BUILDER_VERSION, distro, ",".join(packages), str(size_mb), password or "", *blobs)
 

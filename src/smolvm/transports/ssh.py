@@ -30,11 +30,11 @@ from smolvm.transports.base import (
 )
 from smolvm.types import CommandResult
 
-_PIDDIR = "/run/smolvm"
-# Kill a process tree bottom-up after freezing its root so nothing respawns.
+# Kill a process tree bottom-up after freezing its root so nothing respawns. The root is
+# found by the unique tag in its argv ($0 of the wrapper shell).
 _KILL_TREE = (
-    "k(){ kill -STOP $1 2>/dev/null; for c in $(pgrep -P $1); do k $c; done; kill -9 $1 2>/dev/null; }; "
-    "p=$(cat {pidfile} 2>/dev/null) && k $p; rm -f {pidfile}"
+    "k(){ kill -STOP $1 2>/dev/null; for c in $(pgrep -P $1); do k $c; done; kill -{sig} $1 2>/dev/null; "
+    "kill -CONT $1 2>/dev/null; }; for p in $(pgrep -f ' {tag}$'); do k $p; done"
 )
 
 
@@ -139,32 +139,31 @@ class SSHTransport(Transport):
         self._drop()
 
     # ------------------------------------------------------------ commands
-    def _remote(self, req: ExecRequest, pidfile: str) -> str:
+    def _remote(self, req: ExecRequest, tag: str) -> str:
+        """The wrapper: a shell tagged in its argv (so a timeout can find and kill its tree)
+        that runs the command as a child, with only shell builtins around it."""
         inner = shlex.join([self.shell_path, *req.argv[1:]])
         pre = "".join(f"export {k}={shlex.quote(v)}; " for k, v in req.env.items())
         if req.cwd:
             pre += f"cd {shlex.quote(req.cwd)} || exit 1; "
-        script = (f"mkdir -p {_PIDDIR}; echo $$ > {pidfile}; {pre}{inner}; r=$?; "
-                  f"rm -f {pidfile}; exit $r")
-        return f"exec {shlex.quote(self.shell_path)} -c {shlex.quote(script)}"
+        script = f"{pre}{inner}; exit $?"
+        return f"exec {shlex.quote(self.shell_path)} -c {shlex.quote(script)} {tag}"
 
     def _start(self, req: ExecRequest) -> tuple[paramiko.Channel, str]:
-        pidfile = f"{_PIDDIR}/ssh-{uuid.uuid4().hex}.pid"
+        tag = f"smolvm-cmd-{uuid.uuid4().hex}"
         chan = self._open_channel()
         try:
-            chan.exec_command(self._remote(req, pidfile))
+            chan.exec_command(self._remote(req, tag))
             if req.stdin is not None:
                 chan.sendall(req.stdin)
             chan.shutdown_write()
         except (paramiko.SSHException, OSError) as exc:
             chan.close()
             raise TransportError(f"SSH exec on VM {self.vm_id} failed: {exc}") from exc
-        return chan, pidfile
+        return chan, tag
 
-    def _kill(self, pidfile: str, signal: int = 9) -> None:
-        script = _KILL_TREE.replace("{pidfile}", pidfile)
-        if signal != 9:
-            script = f"p=$(cat {pidfile} 2>/dev/null) && pkill -{signal} -P $p; kill -{signal} $p"
+    def _kill(self, tag: str, signal: int = 9) -> None:
+        script = _KILL_TREE.replace("{tag}", tag).replace("{sig}", str(int(signal)))
         try:
             chan = self._open_channel()
             chan.exec_command(f"exec {self.shell_path} -c {shlex.quote(script)}")
@@ -176,13 +175,13 @@ class SSHTransport(Transport):
     def exec(self, req: ExecRequest, *, on_stdout: OutputCallback | None = None,
              on_stderr: OutputCallback | None = None) -> CommandResult:
         t0 = time.monotonic()
-        chan, pidfile = self._start(req)
+        chan, tag = self._start(req)
         out, err = bytearray(), bytearray()
         deadline = None if req.timeout is None else t0 + req.timeout
         try:
             _pump(chan, out, err, on_stdout, on_stderr, deadline)
         except TimeoutError:
-            self._kill(pidfile)
+            self._kill(tag)
             chan.close()
             raise OperationTimeoutError(
                 f"command timed out after {req.timeout} s and was killed: {req.command[:200]!r}",
@@ -197,8 +196,8 @@ class SSHTransport(Transport):
 
     def spawn(self, req: ExecRequest, *, on_stdout: OutputCallback | None = None,
               on_stderr: OutputCallback | None = None) -> ProcessHandle:
-        chan, pidfile = self._start(req)
-        return SSHProcessHandle(self, chan, pidfile, on_stdout, on_stderr)
+        chan, tag = self._start(req)
+        return SSHProcessHandle(self, chan, tag, on_stdout, on_stderr)
 
     # ------------------------------------------------------------ files
     def _sftp(self) -> paramiko.SFTPClient:
@@ -270,9 +269,9 @@ def _pump(chan: paramiko.Channel, out: bytearray, err: bytearray, on_out: Output
 class SSHProcessHandle(ProcessHandle):
     """Background command over SSH; a reader thread collects output as it arrives."""
 
-    def __init__(self, tr: SSHTransport, chan: paramiko.Channel, pidfile: str,
+    def __init__(self, tr: SSHTransport, chan: paramiko.Channel, tag: str,
                  on_out: OutputCallback | None, on_err: OutputCallback | None) -> None:
-        self._tr, self._chan, self._pidfile = tr, chan, pidfile
+        self._tr, self._chan, self._tag = tr, chan, tag
         self._out, self._err = bytearray(), bytearray()
         self._t0 = time.monotonic()
         self._error: BaseException | None = None
@@ -300,7 +299,7 @@ class SSHProcessHandle(ProcessHandle):
                                         time.monotonic() - self._t0)
 
     def kill(self, signal: int = 9) -> None:
-        self._tr._kill(self._pidfile, signal)
+        self._tr._kill(self._tag, signal)
 
     def is_running(self) -> bool:
         return not self._done.is_set()
