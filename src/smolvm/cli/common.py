@@ -43,8 +43,21 @@ EXIT_INTERRUPTED = 130
 
 #: Console for data (stdout) and for diagnostics (stderr). No syntax highlighting: numbers
 #: and paths in our messages are not code.
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+def _console(stream: Any, **kw: Any) -> Console:
+    # Piped output is for grep/awk: do not wrap or truncate table cells at 80 columns.
+    wide = not os.environ.get("COLUMNS") and not _isatty(stream)
+    return Console(highlight=False, soft_wrap=True, width=240 if wide else None, **kw)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+out = _console(sys.stdout)
+err = _console(sys.stderr, stderr=True)
 
 
 @dataclass
@@ -263,6 +276,8 @@ def require_running(info: Any) -> None:
 def image_dir() -> Path:
     from smolvm.paths import resolve_data_dir, resolve_image_dir
 
+    if os.environ.get("SMOLVM_IMAGE_DIR"):  # shared image cache: no data dir needed
+        return resolve_image_dir(Path(os.environ["SMOLVM_IMAGE_DIR"]))
     return resolve_image_dir(resolve_data_dir(OPTS.data_dir))
 
 
