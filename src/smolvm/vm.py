@@ -356,6 +356,10 @@ class SmolVMManager:
             Path(value).unlink(missing_ok=True)
         elif kind == "dir":
             shutil.rmtree(value, ignore_errors=True)
+        elif kind in ("tap", "nft", "lease"):
+            from smolvm.network.tap import remove_resource
+
+            remove_resource(kind, value)
         self.state.remove_resource(kind, value)
 
     # ------------------------------------------------------------------ queries

@@ -72,6 +72,11 @@ class NetworkManager:
     def kernel_arg(net: NetworkInfo) -> str | None:
         if net.mode == "none" or not net.guest_ip:
             return None
+        if net.mode == "tap":
+            from smolvm.network.tap import guest_dns, prefix_of
+
+            return (f"smolvm.net={net.guest_ip}/{prefix_of(net.netmask)},{net.gateway_ip},"
+                    f"{guest_dns(net.gateway_ip)}")
         dns = USER_DNS if net.mode == "user" else net.gateway_ip
         return f"smolvm.net={net.guest_ip}/{USER_PREFIX},{net.gateway_ip},{dns}"
 
