@@ -12,6 +12,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -43,7 +44,13 @@ def injection_model_dir(request: pytest.FixtureRequest) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     root = os.environ.get("SMOLVM_TEST_MODEL_CACHE")
-    cache_root = Path(root) if root else Path(request.config.cache.mkdir("smolvm-models"))
+    if root:
+        cache_root = Path(root)
+    elif getattr(request.config, "cache", None) is not None:
+        cache_root = Path(request.config.cache.mkdir("smolvm-models"))
+    else:  # -p no:cacheprovider
+        cache_root = Path(tempfile.gettempdir()) / "smolvm-test-models"
+    torch.set_num_threads(1)  # tiny model: one thread avoids contention on a busy 2-core host
     return trainer.build_model(cache_root)
 
 
