@@ -65,6 +65,13 @@ BLOCKED = [
     ("tee /dev/sda < img", "block-device-write"),
     ("cp img /dev/vda", "block-device-write"),
     ("parted /dev/vda mklabel gpt", "block-device-write"),
+    ("{ echo x; } > /dev/sda", "block-device-write"),
+    ("while true; do echo; done > /dev/vda", "block-device-write"),
+    ("(echo x) >/dev/sda", "block-device-write"),
+    ("f() { echo; } > /dev/sda", "block-device-write"),
+    ("echo x | sudo tee /dev/sda", "block-device-write"),
+    ("cat img > /dev/./sda", "block-device-write"),
+    ("echo b > /proc/sysrq-trigger", "block-device-write"),
     ("chmod -R 777 /", "recursive-permissions"),
     ("chown -R nobody /", "recursive-permissions"),
     # hidden in chains, pipelines, substitutions, nested shells and wrappers
@@ -188,6 +195,10 @@ ALLOWED = [
     "coproc cat",
     "nohup python3 server.py > server.log 2>&1 &",
     "retry() { \"$@\" || retry \"$@\"; }",
+    "{ echo x; } > out.txt",
+    "while read l; do echo $l; done < /dev/vda",
+    "echo x > /dev/tty",
+    "ls > /dev/stderr",
 ]
 
 

@@ -169,6 +169,8 @@ _DEVICE_SAMPLES = ("/dev/sda", "/dev/sda1", "/dev/vda", "/dev/vda1", "/dev/hda",
 
 
 def _is_block_device(path: str) -> bool:
+    if path.startswith("/proc/") and _normpath(path) == "/proc/sysrq-trigger":
+        return True  # writing it reboots or crashes the kernel
     if not path.startswith("/dev/"):
         return False
     path = _normpath(path)
@@ -337,7 +339,7 @@ BUILTIN_RULES: tuple[Rule, ...] = (
     Rule("recursive-delete", "rm -r / find -delete of a protected path, its ancestors or its whole contents", _rule_recursive_delete),
     Rule("filesystem-format", "mkfs, mkfs.*, mke2fs, mkswap, wipefs and friends", _rule_filesystem_format),
     Rule("fork-bomb", "a function that calls itself in a pipeline or in the background", _rule_fork_bomb),
-    Rule("block-device-write", "dd of=/dev/..., > /dev/sda, shred /dev/..., partitioning tools, tee/cp onto devices", _rule_block_device_write),
+    Rule("block-device-write", "dd of=/dev/..., > /dev/sda (also on { }, loops, subshells), shred /dev/..., partitioning tools, tee/cp onto devices, /proc/sysrq-trigger", _rule_block_device_write),
     Rule("recursive-permissions", "chmod/chown/chgrp -R on a protected path", _rule_recursive_permissions),
     Rule("denied-program", "programs listed in SafetyPolicy.denied_programs", _rule_denied_program),
 )

@@ -265,8 +265,16 @@ class _Analyzer:
             inner = scope.copy() if node.list and node.list[0].kind == "reservedword" and node.list[0].word == "(" else scope
             for p in node.list:
                 self.visit(p, depth, inner)
-            for r in getattr(node, "redirects", []) or []:
+            redirects = getattr(node, "redirects", None) or []
+            for r in redirects:
                 self.visit(r, depth, scope)
+            targets = [
+                (r.type, self._word_value(r.output, scope) if hasattr(r.output, "word") else str(r.output))
+                for r in redirects
+                if r.kind == "redirect"
+            ]
+            if targets:  # "{ ...; } > /dev/sda", "while ...; done > /dev/vda"
+                self.check_simple([], targets, self.text_of(node), depth, scope, None)
         elif kind in ("commandsubstitution", "processsubstitution"):
             self.visit(node.command, depth, scope.copy())
         elif kind == "redirect":
