@@ -26,8 +26,11 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+# pip's exit status is kept; only this machine's noisy "Location ... ignored" warnings are dropped.
+pip_install() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+pip_install --upgrade pip
+# torch is pinned in the `classifier` extra (an unpinned one pulls a multi-GB CUDA build).
+pip_install -e '.[test,classifier]' 
 
 if [ "${1:-}" = "--image" ]; then
   .venv/bin/python -c "from smolvm.images import ImageBuilder; print(ImageBuilder(progress=print).ensure_default().path)"

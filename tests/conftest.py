@@ -114,3 +114,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if leaked:
         print("\nFAIL: QEMU processes of test VMs still running:\n" + "\n".join(leaked))
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def injection_model_dir(request: pytest.FixtureRequest) -> Path:
+    """A real text classifier trained locally (no model hub), cached across runs."""
+    import importlib.util
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    script = Path(__file__).parent / "models" / "train_injection_model.py"
+    spec = importlib.util.spec_from_file_location("train_injection_model", script)
+    assert spec is not None and spec.loader is not None
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    root = os.environ.get("SMOLVM_TEST_MODEL_CACHE")
+    cache_root = Path(root) if root else Path(request.config.cache.mkdir("smolvm-models"))
+    return trainer.build_model(cache_root)

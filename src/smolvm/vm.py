@@ -8,6 +8,7 @@ is created, so ``reconcile()`` can find and remove it after a crash.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import shutil
 import subprocess
@@ -75,6 +76,8 @@ class SmolVMManager:
         self.host = HostManager(self.data_dir)
         self.image_dir = resolve_image_dir(self.data_dir)
         self._backends: dict[str, Any] = {}
+        #: Agent connections opened by a restore or pool hand-out, taken by transport().
+        self._handoff: dict[str, Transport] = {}
         self._closed = False
 
     # ------------------------------------------------------------------ basics
@@ -97,6 +100,9 @@ class SmolVMManager:
         """Release database handles. Safe to call more than once."""
         if not self._closed:
             self._closed = True
+            for t in self._handoff.values():
+                t.close()
+            self._handoff.clear()
             self.state.close()
 
     def backend_for(self, name: str):
@@ -128,7 +134,8 @@ class SmolVMManager:
             netspec = NetSpec("user", net.mac_address or "52:54:00:12:34:56", fwd)
         elif net.mode == "tap":
             netspec = NetSpec("tap", net.mac_address or "52:54:00:12:34:56", [], net.tap_device)
-        disks = [DiskSpec(Path(row["disk_path"]), "qcow2", False, "d0"),
+        fmt = "raw" if row["backend"] == "firecracker" else "qcow2"
+        disks = [DiskSpec(Path(row["disk_path"]), fmt, False, "d0"),
                  DiskSpec(d / "config.tar", "raw", True, "d1")]
         art = artifacts_for_kernel(cfg.kernel_path) if cfg.kernel_path else None
         initrd = cfg.initrd_path or (art.initrd if art else None)
@@ -171,7 +178,8 @@ class SmolVMManager:
                 "or backend='qemu'", field="network")
         vm_id = config.vm_id
         d = self.vm_dir(vm_id)
-        disk = self.disk_dir / f"{vm_id}.qcow2"
+        # Firecracker reads raw images only; QEMU gets a thin qcow2 overlay on the shared image.
+        disk = self.disk_dir / (f"{vm_id}.raw" if backend == "firecracker" else f"{vm_id}.qcow2")
         hk = HostKey.generate()
         self.state.insert_vm(vm_id, status=VMState.CREATED.value, backend=backend,
                              config=config.model_dump(mode="json"), vm_dir=str(d),
@@ -183,7 +191,7 @@ class SmolVMManager:
             (d / "ssh_host_key").chmod(0o600)
             write_known_hosts(d / "known_hosts", vm_id, hk.public_line)
             self.state.add_resource(vm_id, "disk", str(disk))
-            self._create_overlay(config, disk)
+            self._create_disk(config, disk, backend)
             net = self.network.allocate(vm_id, config.network, config.port_forwards)
             self.state.update_vm(vm_id, network=net.model_dump(mode="json"))
         except BaseException:
@@ -191,8 +199,15 @@ class SmolVMManager:
             raise
         return self.get(vm_id)
 
-    def _create_overlay(self, config: VMConfig, disk: Path) -> None:
+    def _create_disk(self, config: VMConfig, disk: Path, backend: str) -> None:
         assert config.rootfs_path is not None
+        if backend == "firecracker":
+            subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(config.rootfs_path), str(disk)],
+                           check=True, capture_output=True)
+            if config.disk_size_mib and disk.stat().st_size < config.disk_size_mib * 1024 * 1024:
+                os.truncate(disk, config.disk_size_mib * 1024 * 1024)
+            disk.chmod(0o600)
+            return
         size = []
         if config.disk_size_mib:
             base = config.rootfs_path.stat().st_size // (1024 * 1024)
@@ -215,6 +230,10 @@ class SmolVMManager:
                 f"cannot start VM {vm_id!r} in state {status.value}: only created or stopped VMs "
                 "start" + (" (run `smolvm reconcile` and delete it)" if status is VMState.ERROR else ""),
                 {"vm_id": vm_id, "status": status.value})
+        if row["snapshot"] and row["started_at"] is None:
+            from smolvm.snapshots import restore_vm
+
+            return restore_vm(self, vm_id, boot_timeout=boot_timeout)
         if row["backend"] == "qemu":
             probe = self.host.accel()
             self.state.update_vm(vm_id, accelerator=probe.accel, accelerator_reason=probe.reason)
@@ -243,11 +262,17 @@ class SmolVMManager:
             self.state.add_resource(vm_id, "socket", str(s))
         offset = spec.serial_log.stat().st_size if spec.serial_log.exists() else 0
         self.state.update_vm(vm_id, error=None)
+        if spec.memory is None and row["backend"] == "qemu":
+            from smolvm.snapshots import boot_memory
+
+            spec.memory = boot_memory(self, vm_id)  # shared RAM file: fast snapshots
         try:
             pid = backend.launch(spec)
         except SmolVMError as exc:
             self.state.update_vm(vm_id, status=VMState.ERROR.value, error=str(exc))
             raise
+        if spec.memory is not None and spec.memory.unlink and spec.memory.path is not None:
+            self.state.remove_resource("file", str(spec.memory.path))  # unlinked by launch()
         token = procs.process_token(pid)
         self.state.add_resource(vm_id, "process", token)
         self.state.update_vm(vm_id, status=VMState.RUNNING.value, pid=pid, started_at=time.time())
@@ -300,6 +325,8 @@ class SmolVMManager:
 
     def _halt(self, row: dict[str, Any], *, graceful: bool, timeout: float) -> None:
         vm_id, pid = row["vm_id"], row["pid"]
+        if (handed := self._handoff.pop(vm_id, None)) is not None:
+            handed.close()
         token = next((r["value"] for r in self.state.resources(vm_id, "process")), None)
         spec = self.spec(row)
         if graceful and procs.is_alive(pid, token):
@@ -386,6 +413,9 @@ class SmolVMManager:
                     self.state.remove_resource("socket", str(s))
                 if token:
                     self.state.remove_resource("process", token)
+        from smolvm.pool import reap_orphans
+
+        reap_orphans(self)  # pool VMs whose owning process died
         known = {r["vm_id"] for r in self.state.list_vms()}
         for r in self.state.resources():
             if r["vm_id"] not in known:
@@ -395,6 +425,8 @@ class SmolVMManager:
     # ------------------------------------------------------------------ channels & misc
     def transport(self, vm_id: str, channel: str) -> Transport:
         """A command channel to a running VM: "agent" (guest agent) or "ssh"."""
+        if channel == "agent" and (handed := self._handoff.pop(vm_id, None)) is not None:
+            return handed
         row = self.state.get_vm(vm_id)
         spec = self.spec(row)
         if channel == "agent":
@@ -435,13 +467,66 @@ class SmolVMManager:
         self.state.update_vm(vm_id, status=VMState.PAUSED.value)
         return self.get(vm_id)
 
-    def resume(self, vm_id: str) -> VMInfo:
+    def resume(self, vm_id: str, *, transport: Transport | None = None) -> VMInfo:
+        """Continue a paused VM, then reset its clock and reseed its RNG (through
+        ``transport`` when the caller holds the agent channel). Resuming an idle pool VM
+        takes it out of its pool."""
         row = self.state.get_vm(vm_id)
         if VMState(row["status"]) is not VMState.PAUSED:
             raise InvalidStateError(f"cannot resume VM {vm_id!r}: it is {row['status']}, not paused")
+        if row["pool"] and not self.state.claim_vm(vm_id):
+            raise InvalidStateError(f"VM {vm_id!r} was just handed out by its pool")
         self.backend_for(row["backend"]).resume(self.spec(row))
         self.state.update_vm(vm_id, status=VMState.RUNNING.value)
+        if row["backend"] == "qemu":
+            from smolvm.snapshots import refresh_guest
+
+            refresh_guest(self, vm_id, transport)  # type: ignore[arg-type]
         return self.get(vm_id)
+
+    # ------------------------------------------------------------------ snapshots & pools
+    def snapshot(self, vm_id: str, name: str, *, resume: bool = True) -> Any:
+        """Snapshot a running/paused VM (memory, devices, disk) as ``name``: a SnapshotInfo."""
+        from smolvm.snapshots import create_snapshot
+
+        return create_snapshot(self, vm_id, name, resume=resume, transport=self._handoff.get(vm_id))  # type: ignore[arg-type]
+
+    def restore_snapshot(self, name: str, *, vm_id: str | None = None, boot_timeout: float = 30.0,
+                         **overrides: Any) -> VMInfo:
+        """A new running VM restored from snapshot ``name`` (its own disk overlay, ports,
+        identity). ``overrides``: env_vars, port_forwards, comm_channel, retain_disk_on_delete."""
+        from smolvm.snapshots import create_clone
+
+        info = create_clone(self, name, vm_id=vm_id, **overrides)
+        try:
+            return self.start(info.vm_id, boot_timeout=boot_timeout)
+        except BaseException:
+            self.delete(info.vm_id)
+            raise
+
+    def list_snapshots(self) -> list[Any]:
+        from smolvm.snapshots import list_snapshots
+
+        return list_snapshots(self)
+
+    def get_snapshot(self, name: str) -> Any:
+        from smolvm.snapshots import get_snapshot
+
+        return get_snapshot(self, name)
+
+    def delete_snapshot(self, name: str) -> None:
+        from smolvm.snapshots import delete_snapshot
+
+        delete_snapshot(self, name)
+
+    def pool(self, size: int = 1, config: VMConfig | None = None, *, snapshot: str | None = None,
+             **kw: Any) -> Any:
+        """A :class:`smolvm.pool.WarmPool` of ``size`` paused, restored VMs (refilled in the
+        background). Close it (or use ``with``) to drain it."""
+        from smolvm.pool import WarmPool
+
+        return WarmPool(size, config, snapshot=snapshot, data_dir=self.data_dir,
+                        socket_dir=self.socket_dir, **kw)
 
     # ------------------------------------------------------------------ SSH
     def get_ssh_commands(self, vm_id: str, *, ssh_user: str = "root", key_path: str | Path | None = None,
@@ -486,4 +571,5 @@ def _info(row: dict[str, Any]) -> VMInfo:
         accelerator=row["accelerator"], accelerator_reason=row["accelerator_reason"],
         created_at=row["created_at"], started_at=row["started_at"],
         vm_dir=row["vm_dir"], disk_path=row["disk_path"], error=row["error"], snapshot=row["snapshot"],
+        pool=row.get("pool"),
     )

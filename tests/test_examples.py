@@ -1,0 +1,78 @@
+"""Every example script runs as written against a real guest."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, data_dir: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SMOLVM_DATA_DIR": str(data_dir), **(extra_env or {})}
+    return subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def no_vms_left(data_dir: Path) -> bool:
+    from smolvm import SmolVMManager
+
+    with SmolVMManager(data_dir=data_dir) as m:
+        return m.list_vms() == []
+
+
+def test_quickstart(tmp_path, default_image):
+    p = run_example("quickstart.py", tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0] == "Hello from SmolVM"
+    assert "Linux" in p.stdout
+    assert no_vms_left(tmp_path)
+
+
+def test_callbacks_safety_and_audit(tmp_path, default_image):
+    p = run_example("callbacks_safety_and_audit.py", tmp_path)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].endswith("'echo hello' -> exit=0")
+    assert lines[1] == "refused: rm -rf /"
+    assert no_vms_left(tmp_path)
+
+
+def test_block_unsafe_raises_as_documented(tmp_path, default_image):
+    p = run_example("block_unsafe.py", tmp_path)
+    assert p.returncode == 1
+    assert "smolvm.exceptions.CommandBlockedError: Blocked unsafe command: 'rm -rf /'" in p.stderr
+    assert no_vms_left(tmp_path)  # the context manager still cleaned up
+
+
+def test_log_every_command(tmp_path, default_image):
+    p = run_example("log_every_command.py", tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "'uname -r' -> exit=0" in p.stdout
+
+
+def test_attach_callback(tmp_path, default_image):
+    p = run_example("attach_callback.py", tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["about to run: echo hi"]
+    assert no_vms_left(tmp_path)
+
+
+def test_builtin_guards(tmp_path, default_image):
+    p = run_example("guards_builtin.py", tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("blocked:") == 2
+    assert "blocked echo ok && dd if=/dev/zero of=/dev/vda" in p.stdout
+
+
+def test_prompt_injection_guard_with_local_model(tmp_path, default_image, injection_model_dir):
+    p = run_example("prompt_injection_guard.py", tmp_path,
+                    {"SMOLVM_INJECTION_MODEL": str(injection_model_dir), "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr
+    assert "Prompt injection detected (malicious" in p.stdout
+    assert no_vms_left(tmp_path)
