@@ -58,7 +58,9 @@ class SSHTransport(Transport):
     def _connect(self) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
         # Pinned: the only acceptable key is the one we generated for this VM.
-        client.get_host_keys().add(f"[{self.host}]:{self.port}", self._host_key.get_name(), self._host_key)
+        # (paramiko looks port 22 up under the bare host name, other ports as "[host]:port")
+        known = self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+        client.get_host_keys().add(known, self._host_key.get_name(), self._host_key)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
             client.connect(
