@@ -110,7 +110,8 @@ def shared_vm(tmp_path_factory: pytest.TempPathFactory, default_image):
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     out = subprocess.run(["pgrep", "-af", "qemu-system-x86_64 -name smolvm-"], capture_output=True, text=True)
-    leaked = [line for line in out.stdout.splitlines() if "pytest-of-" in line]
+    base = str(session.config._tmp_path_factory.getbasetemp())  # this session's VMs only
+    leaked = [line for line in out.stdout.splitlines() if base in line]
     if leaked:
         print("\nFAIL: QEMU processes of test VMs still running:\n" + "\n".join(leaked))
         session.exitstatus = 1

@@ -109,7 +109,7 @@ def test_pre_run_hook_crash_is_error(tmp_path: Path) -> None:
 
 def test_through_facade_dispatch(tmp_path: Path) -> None:
     """smolvm.hooks (the facade's dispatcher) calls on_blocked for a veto."""
-    hooks = pytest.importorskip("smolvm.hooks")
+    import smolvm.hooks as hooks
     log = AuditLog(tmp_path / "a.db")
     guard = SafetyGuard()
     for cbs in ([log, guard], [guard, log]):
@@ -203,7 +203,7 @@ def test_file_mode_wal_and_state_schema(tmp_path: Path) -> None:
     assert {"audit_log", "audit_output"} <= tables
     conn.close()
     # the state store opens the same file and sees a current schema
-    state = pytest.importorskip("smolvm.state")
+    import smolvm.state as state
     store = state.StateStore(db)
     assert store.schema_version() == state.SCHEMA_VERSION
     assert store.connect().execute("SELECT COUNT(*) FROM audit_log").fetchone()[0] == 1

@@ -16,7 +16,7 @@ from smolvm.exceptions import (
     SmolVMError,
     ValidationError,
 )
-from smolvm.hooks import run_with_callbacks
+from smolvm.hooks import run_pre_hooks, run_with_callbacks
 from smolvm.images.builder import artifacts_for_kernel
 from smolvm.transports.base import (
     GUEST_ENV_FILE,
@@ -44,11 +44,16 @@ class SmolVM:
                  callbacks: list[Callback] | None = None, env_vars: dict[str, str] | None = None,
                  data_dir: Path | None = None, socket_dir: Path | None = None,
                  backend: str | None = None, comm_channel: str | None = None,
-                 manager: SmolVMManager | None = None, _vm_id: str | None = None) -> None:
+                 manager: SmolVMManager | None = None, pool: Any = None, cold_boot: bool = False,
+                 _vm_id: str | None = None) -> None:
         self._callbacks: list[Callback] = []
         for cb in callbacks or []:
             self.add_callback(cb)
-        self._own_manager = manager is None
+        if manager is None and pool is not None and data_dir is None and socket_dir is None:
+            manager = pool.manager  # shared: hand-out stays in one process-local manager
+            self._own_manager = False
+        else:
+            self._own_manager = manager is None
         self._manager = manager or SmolVMManager(data_dir=data_dir, socket_dir=socket_dir, backend=backend)
         self._transport: Transport | None = None
         self._tlock = threading.Lock()
@@ -65,9 +70,36 @@ class SmolVM:
         elif not isinstance(config, VMConfig):
             raise ValidationError(f"config must be a VMConfig, got {type(config).__name__}", field="config")
         elif overrides:
-            config = VMConfig(**{**config.model_dump(), **overrides})
+            explicit = {k: v for k, v in config.model_dump().items() if k in config.model_fields_set}
+            config = VMConfig(**{**explicit, **overrides})
         self._owned = True
-        self._info = self._manager.create(config)
+        self._info = self._create(config, pool, cold_boot)
+
+    def _create(self, config: VMConfig, pool: Any, cold_boot: bool) -> VMInfo:
+        """A warm-pool VM, else a clone of the image's boot snapshot, else a cold-boot VM."""
+        from smolvm import pool as pools
+        from smolvm import snapshots
+
+        mgr = self._manager
+        if not cold_boot:
+            p = pool if pool is not None else pools.default_pool(mgr.data_dir, mgr.socket_dir)
+            use_pool = p is not None and p.matches(config)
+            if use_pool:
+                info = p.acquire(mgr, env_vars=config.env_vars or None)
+                if info is not None:
+                    return info
+            ref = snapshots.default_snapshot_for(mgr, mgr._resolve_image(config))
+            if ref is None and use_pool and p.source:
+                try:  # the pool is empty: restore from its snapshot directly
+                    ref = snapshots.get_snapshot(mgr, p.source).name
+                except SmolVMError:
+                    ref = None
+            if ref is not None:
+                return snapshots.create_clone(
+                    mgr, ref, vm_id=config.vm_id, env_vars=config.env_vars,
+                    port_forwards=config.port_forwards, comm_channel=config.comm_channel,
+                    retain_disk_on_delete=config.retain_disk_on_delete)
+        return mgr.create(config)
 
     # ------------------------------------------------------------------ reconnect
     @classmethod
@@ -77,6 +109,28 @@ class SmolVM:
         mgr = SmolVMManager.from_id(vm_id, **kwargs)
         vm = cls(manager=mgr, _vm_id=vm_id, callbacks=callbacks)
         vm._own_manager = True
+        return vm
+
+    @classmethod
+    def from_snapshot(cls, name: str, *, vm_id: str | None = None, env_vars: dict[str, str] | None = None,
+                      port_forwards: dict[int, int] | None = None, comm_channel: str | None = None,
+                      callbacks: list[Callback] | None = None, data_dir: Path | None = None,
+                      socket_dir: Path | None = None, manager: SmolVMManager | None = None) -> SmolVM:
+        """A new sandbox restored from snapshot ``name`` on :meth:`start` / ``with`` entry
+        (its own disk overlay, ports and identity; deleted on ``with`` exit)."""
+        from smolvm.snapshots import create_clone
+
+        mgr = manager or SmolVMManager(data_dir=data_dir, socket_dir=socket_dir)
+        try:
+            info = create_clone(mgr, name, vm_id=vm_id, env_vars=env_vars, port_forwards=port_forwards,
+                                comm_channel=comm_channel)
+        except BaseException:
+            if manager is None:
+                mgr.close()
+            raise
+        vm = cls(manager=mgr, _vm_id=info.vm_id, callbacks=callbacks)
+        vm._owned = True
+        vm._own_manager = manager is None
         return vm
 
     # ------------------------------------------------------------------ properties
@@ -143,12 +197,26 @@ class SmolVM:
             self._manager.close()
 
     def pause(self) -> SmolVM:
+        """Freeze the VM (its vCPUs stop; memory and connections stay)."""
         self._info = self._manager.pause(self.vm_id)
         return self
 
     def resume(self) -> SmolVM:
-        self._info = self._manager.resume(self.vm_id)
+        """Continue a paused VM; its clock is reset and its RNG reseeded."""
+        self._info = self._manager.resume(self.vm_id, transport=self._transport)
         return self
+
+    def snapshot(self, name: str, *, resume: bool = True) -> Any:
+        """Save memory, devices and disk as snapshot ``name`` (a :class:`SnapshotInfo`).
+
+        Restore clones with ``SmolVM.from_snapshot(name)``. The VM pauses for ~0.1-0.3 s
+        and then continues (``resume=False`` leaves it paused)."""
+        from smolvm.snapshots import create_snapshot
+
+        info = create_snapshot(self._manager, self.vm_id, name, resume=resume,
+                               transport=self._transport)  # type: ignore[arg-type]
+        self.refresh()
+        return info
 
     def __enter__(self) -> SmolVM:
         if self._owned and self.refresh().status in (VMState.CREATED, VMState.STOPPED):
@@ -251,8 +319,7 @@ class SmolVM:
         Pre-run callbacks can veto it like :meth:`run`."""
         req = self._request(command, None, shell, env, cwd, None)
         ctx = RunContext(vm_id=self.vm_id, command=command, shell=shell, timeout=0)
-        for cb in self._callbacks:
-            cb.on_pre_run(ctx)
+        run_pre_hooks(self._callbacks, ctx)
         return self._channel().spawn(req, on_stdout=on_stdout, on_stderr=on_stderr)
 
     @staticmethod

@@ -15,12 +15,7 @@ log = logging.getLogger("smolvm.callbacks")
 def run_with_callbacks(callbacks: Sequence[Callback], ctx: RunContext,
                        execute: Callable[[], CommandResult]) -> CommandResult:
     """Pre-run hooks may veto (their exception propagates); observers never break a run."""
-    for cb in callbacks:
-        try:
-            cb.on_pre_run(ctx)
-        except BaseException as exc:
-            _notify_blocked(callbacks, ctx, exc, cb)
-            raise
+    run_pre_hooks(callbacks, ctx)
     try:
         result = execute()
     except Exception as exc:
@@ -32,6 +27,16 @@ def run_with_callbacks(callbacks: Sequence[Callback], ctx: RunContext,
     for cb in callbacks:
         _observe(cb.on_post_run, ctx, "on_post_run", cb)
     return result
+
+
+def run_pre_hooks(callbacks: Sequence[Callback], ctx: RunContext) -> None:
+    """The veto channel: the first exception aborts the command (after ``on_blocked``)."""
+    for cb in callbacks:
+        try:
+            cb.on_pre_run(ctx)
+        except BaseException as exc:
+            _notify_blocked(callbacks, ctx, exc, cb)
+            raise
 
 
 def _observe(hook: Callable[[RunContext], None], ctx: RunContext, name: str, cb: Callback) -> None:
