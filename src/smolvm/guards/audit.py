@@ -41,26 +41,9 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("ok", "failed", "blocked", "error")
 
-# Same definition as migration 2 of smolvm.state (whichever runs first creates it).
+# The audit_log table itself is created by the state store's migration 2 (smolvm.state);
+# this module adds the captured-output table and a time index on top.
 _AUDIT_DDL = """
-CREATE TABLE IF NOT EXISTS audit_log (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    vm_id TEXT NOT NULL,
-    command TEXT NOT NULL,
-    shell TEXT,
-    timeout REAL,
-    started_at REAL NOT NULL,
-    ended_at REAL,
-    duration REAL,
-    exit_code INTEGER,
-    stdout_bytes INTEGER,
-    stderr_bytes INTEGER,
-    status TEXT NOT NULL,
-    blocked_by TEXT,
-    error TEXT,
-    channel TEXT
-);
-CREATE INDEX IF NOT EXISTS audit_vm ON audit_log(vm_id, started_at);
 CREATE INDEX IF NOT EXISTS audit_started ON audit_log(started_at);
 CREATE TABLE IF NOT EXISTS audit_output (
     audit_id INTEGER PRIMARY KEY,
@@ -142,13 +125,10 @@ class AuditStore:
         self._ensure_schema()
 
     def _ensure_schema(self) -> None:
-        try:  # let the state store apply its migrations (it owns the file's schema version)
-            from smolvm.state import StateStore
-        except ImportError:  # pragma: no cover
-            StateStore = None  # type: ignore[assignment,misc]  # noqa: N806
-        if StateStore is not None:
-            store = StateStore(self.path)
-            store.close()
+        # The state store owns the file's schema version and creates audit_log.
+        from smolvm.state import StateStore
+
+        StateStore(self.path).close()
         with self.tx() as conn:
             for stmt in _AUDIT_DDL.split(";"):
                 if stmt.strip():
