@@ -231,7 +231,7 @@ def _isolation_rule() -> dict[str, Any]:
     return _rule(CHAIN_FORWARD, ISOLATE_TAG,
                  _m(_meta("iifname"), TAP_PREFIX + "*"),
                  _m(_meta("oifname"), TAP_PREFIX + "*"),
-                 {"drop": None})
+                 {"counter": None}, {"drop": None})
 
 
 def delete_nft_rules(tag: str) -> None:
@@ -271,7 +271,6 @@ def _ipr():
 
 def _host_networks(ipr) -> tuple[list[ipaddress.IPv4Network], set[str]]:
     """Networks of the host's non-TAP addresses, and names of existing links."""
-    names = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
     index_name = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
     nets = []
     for a in ipr.get_addr(family=2):
@@ -283,7 +282,7 @@ def _host_networks(ipr) -> tuple[list[ipaddress.IPv4Network], set[str]]:
             nets.append(ipaddress.IPv4Network(f"{addr}/32"))  # another store's lease
         else:
             nets.append(iface.network)
-    return nets, names
+    return nets, set(index_name.values())
 
 
 def _set_sysctl(path: str, value: str) -> None:
