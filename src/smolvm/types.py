@@ -187,6 +187,8 @@ class VMInfo(BaseModel):
     error: str | None = None
     #: Present when the VM was restored from a snapshot.
     snapshot: str | None = None
+    #: Pool key while the VM waits, paused, in a warm pool (None once handed out).
+    pool: str | None = None
 
 
 @dataclass(frozen=True)

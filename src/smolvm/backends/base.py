@@ -33,6 +33,22 @@ class NetSpec:
 
 
 @dataclass
+class MemorySpec:
+    """Guest RAM in a file (QEMU ``memory-backend-file``, RAMBlock id ``mem0``).
+
+    ``shared``: MAP_SHARED, so the file *is* the guest's memory and a snapshot can copy
+    it instead of streaming RAM. Otherwise MAP_PRIVATE: the guest gets a copy-on-write
+    view of the file (how clones map a snapshot's memory). ``path=None`` is anonymous
+    RAM under the same id. ``unlink`` removes the file once the VMM has it open, so the
+    memory can never outlive the process.
+    """
+
+    path: Path | None = None
+    shared: bool = True
+    unlink: bool = False
+
+
+@dataclass
 class LaunchSpec:
     """Everything needed to start one VM. Paths are absolute."""
 
@@ -55,6 +71,12 @@ class LaunchSpec:
     accel: str = "tcg"
     #: Restore from this saved state instead of booting (see snapshots).
     incoming: Path | None = None
+    #: The saved state skipped shared RAM (x-ignore-shared); RAM comes from ``memory``.
+    incoming_ignore_shared: bool = False
+    #: Guest RAM backing (QEMU); None = QEMU's default anonymous RAM.
+    memory: MemorySpec | None = None
+    #: Scheduling niceness of the VMM process (background pool refills use > 0).
+    nice: int = 0
     #: Backend process stdout/stderr go here.
     process_log: Path | None = None
 

@@ -95,9 +95,21 @@ class QemuBackend(Backend):
         else:
             # A smaller translation cache keeps idle RSS down; 32 MiB costs no speed here.
             accel = ["-accel", "tcg,tb-size=32"]
+        machine = "microvm,acpi=on"
+        mem: list[str] = []
+        if spec.memory is not None:
+            # A named backend (RAMBlock "mem0") so snapshots can share or map guest RAM.
+            machine += ",memory-backend=mem0"
+            if spec.memory.path is None:
+                mem = ["-object", f"memory-backend-ram,id=mem0,size={spec.mem_mib}M"]
+            else:
+                share = "on" if spec.memory.shared else "off"
+                mem = ["-object", f"memory-backend-file,id=mem0,size={spec.mem_mib}M,"
+                                  f"mem-path={spec.memory.path},share={share}"]
+        nice = ["nice", "-n", str(spec.nice)] if spec.nice and shutil.which("nice") else []
         a = [
-            binary, "-name", f"smolvm-{spec.vm_id}", "-no-user-config", "-display", "none",
-            "-no-reboot", "-M", "microvm,acpi=on", *accel,
+            *nice, binary, "-name", f"smolvm-{spec.vm_id}", "-no-user-config", "-display", "none",
+            "-no-reboot", "-M", machine, *mem, *accel,
             "-m", str(spec.mem_mib), "-smp", str(spec.vcpus),
             "-kernel", str(spec.kernel), "-append", spec.boot_args,
             "-chardev", f"file,id=ser0,path={spec.serial_log},append=on",
@@ -122,7 +134,8 @@ class QemuBackend(Backend):
                 a += ["-netdev", f"tap,id=n0,ifname={spec.net.tap_device},script=no,downscript=no"]
             a += ["-device", f"virtio-net-device,netdev=n0,mac={spec.net.mac}"]
         if spec.incoming is not None:
-            a += ["-incoming", f"exec:cat {spec.incoming}"]
+            # Capabilities must be set before the stream is read: see start_incoming().
+            a += ["-incoming", "defer"]
         return a
 
     def launch(self, spec: LaunchSpec) -> int:
@@ -138,6 +151,8 @@ class QemuBackend(Backend):
                 f"QEMU failed to start VM {spec.vm_id}: {proc.stderr.strip()[-1000:]}",
                 {"argv": argv},
             )
+        if spec.memory is not None and spec.memory.unlink and spec.memory.path is not None:
+            spec.memory.path.unlink(missing_ok=True)  # QEMU holds it open; freed when it exits
         try:
             return int(pidfile.read_text().strip())
         except (OSError, ValueError) as exc:
@@ -161,10 +176,15 @@ class QemuBackend(Backend):
     def status(self, spec: LaunchSpec) -> str:
         return qmp(spec.control_socket, "query-status")["status"]
 
-    def save_state(self, spec: LaunchSpec, state_path: Path) -> None:
+    def save_state(self, spec: LaunchSpec, state_path: Path, *, ignore_shared: bool = False) -> None:
+        """Stop the VM and write its device state (and RAM unless ``ignore_shared`` and the
+        RAM is a shared file) to ``state_path``. The VM stays stopped ("postmigrate");
+        ``resume`` continues it."""
         tmp = state_path.with_suffix(".tmp")
         with QMP(spec.control_socket, timeout=30) as q:
             q.execute("stop")
+            q.execute("migrate-set-capabilities", capabilities=[
+                {"capability": "x-ignore-shared", "state": bool(ignore_shared)}])
             q.execute("migrate-set-parameters", **{"max-bandwidth": 10 * 1024**3})
             q.execute("migrate", uri=f"exec:cat > {tmp}")
             deadline = time.monotonic() + 120
@@ -181,10 +201,30 @@ class QemuBackend(Backend):
         tmp.rename(state_path)
 
     def wait_incoming(self, spec: LaunchSpec, timeout: float = 60.0) -> None:
-        """After launching with ``incoming``: wait until the state is loaded, then continue."""
+        """After launching with ``incoming``: load the state and wait (the VM stays paused)."""
+        self.start_incoming(spec, timeout=timeout, cont=False)
+
+    def start_incoming(self, spec: LaunchSpec, *, timeout: float = 60.0, cont: bool = False) -> None:
+        """Feed ``spec.incoming`` to a VM launched with it, wait until loaded; ``cont`` runs it.
+
+        One QMP session for all of it (each connect costs milliseconds)."""
+        assert spec.incoming is not None
         deadline = time.monotonic() + timeout
         with QMP(spec.control_socket, timeout=timeout) as q:
-            while q.execute("query-status")["status"] == "inmigrate":
+            if spec.incoming_ignore_shared:
+                q.execute("migrate-set-capabilities", capabilities=[
+                    {"capability": "x-ignore-shared", "state": True}])
+            q.execute("migrate-incoming", uri=f"exec:cat {spec.incoming}")
+            while True:
+                st = q.execute("query-status")["status"]
+                if st != "inmigrate":
+                    break
                 if time.monotonic() > deadline:
                     raise OperationTimeoutError(f"restoring VM state took over {timeout} s", timeout)
-                time.sleep(0.005)
+                time.sleep(0.002)
+            if st not in ("paused", "running", "postmigrate"):
+                info = q.execute("query-migrate")
+                raise BackendError(f"restoring VM state failed: status {st}, "
+                                   f"{info.get('error-desc', info.get('status'))}")
+            if cont and st != "running":
+                q.execute("cont")

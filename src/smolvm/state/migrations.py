@@ -69,4 +69,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX IF NOT EXISTS audit_vm ON audit_log(vm_id, started_at);
     """,
+    # 3: warm pools — the process (pid:starttime token) that keeps a pool VM; its death
+    # lets reconcile() or another pool reclaim the VM.
+    """
+    ALTER TABLE vms ADD COLUMN pool_owner TEXT;
+    CREATE INDEX IF NOT EXISTS vms_pool ON vms(pool, status);
+    """,
 ]

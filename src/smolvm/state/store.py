@@ -217,6 +217,43 @@ class StateStore:
     def list_snapshots(self) -> list[dict[str, Any]]:
         return [_decode(r) for r in self.connect().execute("SELECT * FROM snapshots ORDER BY created_at")]
 
+    def update_snapshot(self, name: str, *, meta: dict) -> None:
+        with self.tx() as conn:
+            conn.execute("UPDATE snapshots SET meta=? WHERE name=?", (json.dumps(meta), name))
+
+    # ------------------------------------------------------------ pools
+    def claim_pool_vm(self, pool: str) -> str | None:
+        """Atomically take the oldest paused VM of ``pool`` out of it (None if none is ready).
+
+        BEGIN IMMEDIATE holds the write lock across SELECT and UPDATE, so two processes
+        never get the same VM."""
+        with self.tx() as conn:
+            row = conn.execute(
+                "SELECT vm_id FROM vms WHERE status='paused' AND pool=? ORDER BY created_at LIMIT 1",
+                (pool,)).fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE vms SET pool=NULL, pool_owner=NULL, updated_at=? WHERE vm_id=?",
+                         (time.time(), row[0]))
+            return row[0]
+
+    def claim_vm(self, vm_id: str) -> bool:
+        """Take one idle pool VM out of its pool (False if it was already handed out)."""
+        with self.tx() as conn:
+            cur = conn.execute(
+                "UPDATE vms SET pool=NULL, pool_owner=NULL, updated_at=? "
+                "WHERE vm_id=? AND pool IS NOT NULL AND status='paused'", (time.time(), vm_id))
+            return cur.rowcount == 1
+
+    def pool_vms(self, pool: str | None = None) -> list[dict[str, Any]]:
+        """VMs that belong to a pool (``pool`` key, or every pool), oldest first."""
+        conn = self.connect()
+        if pool is None:
+            rows = conn.execute("SELECT * FROM vms WHERE pool IS NOT NULL ORDER BY created_at").fetchall()
+        else:
+            rows = conn.execute("SELECT * FROM vms WHERE pool=? ORDER BY created_at", (pool,)).fetchall()
+        return [_decode(r) for r in rows]
+
     def delete_snapshot(self, name: str) -> None:
         with self.tx() as conn:
             conn.execute("DELETE FROM snapshots WHERE name=?", (name,))

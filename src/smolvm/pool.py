@@ -1,0 +1,392 @@
+"""Warm pools: paused, already-restored sandboxes handed out in milliseconds.
+
+    from smolvm import SmolVM, WarmPool
+
+    with WarmPool(size=2) as pool:          # refills in the background
+        with SmolVM(pool=pool) as vm:       # hand-out: resume + clock/RNG reset
+            vm.run("echo hi")
+
+Or set ``SMOLVM_POOL_SIZE=N``: then ``SmolVM()`` (default config) uses a process-wide pool.
+
+A pool VM is an ordinary VM row (status ``paused``, ``pool`` = the pool key), visible in
+``list_vms()``. Hand-out is one atomic state transition (``BEGIN IMMEDIATE`` … ``UPDATE``),
+so two processes never get the same VM; the refill thread then replaces it. Refills run
+one restore at a time, at a lower CPU priority, so they never starve a 2-core machine.
+Pool VMs carry their owner (the process running the pool); when it dies without draining,
+``reconcile()`` or the next pool removes them.
+
+Each pool VM is fully prepared while it waits: restored, given its own identity (hostname,
+SSH host key, ...), its translation cache warmed by a first command, then paused. Handing
+it out only resumes it and resets its clock and RNG.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from smolvm import procs
+from smolvm.exceptions import SmolVMError, ValidationError
+from smolvm.snapshots import (
+    create_clone,
+    ensure_image_snapshot,
+    get_snapshot,
+    image_snapshot_ref,
+    restore_vm,
+)
+from smolvm.transports.base import GUEST_ENV_FILE, ExecRequest
+from smolvm.types import VMConfig, VMInfo, VMState
+from smolvm.vm import SmolVMManager
+from smolvm.vmhost import env_file_text
+
+log = logging.getLogger("smolvm.pool")
+
+#: Config fields a pool VM is made with; a request must agree on all of them to use it.
+_MATCH_FIELDS = ("vcpu_count", "mem_size_mib", "disk_size_mib", "kernel_path", "rootfs_path",
+                 "initrd_path", "boot_args", "network", "comm_channel", "port_forwards")
+
+
+def _owner_token() -> str:
+    return procs.process_token(os.getpid())
+
+
+def _owner_alive(token: str | None) -> bool:
+    if not token:
+        return False
+    try:
+        pid = int(token.split(":", 1)[0])
+    except ValueError:
+        return False
+    return procs.is_alive(pid, token)
+
+
+def reap_orphans(mgr: SmolVMManager) -> list[str]:
+    """Delete pool VMs whose owning process is gone (they would otherwise sit paused forever)."""
+    gone = []
+    for row in mgr.state.pool_vms():
+        if _owner_alive(row.get("pool_owner")):
+            continue
+        if VMState(row["status"]) is VMState.PAUSED and not mgr.state.claim_vm(row["vm_id"]):
+            continue  # just handed out by someone else
+        try:
+            mgr.delete(row["vm_id"])
+            gone.append(row["vm_id"])
+        except SmolVMError as exc:
+            log.warning("could not remove orphaned pool VM %s: %s", row["vm_id"], exc)
+    return gone
+
+
+def _renice(pid: int | None, value: int) -> None:
+    """Set every thread of ``pid`` to niceness ``value`` (lowering needs privileges: best effort)."""
+    if not pid:
+        return
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, value)
+        except OSError:
+            return
+
+
+class WarmPool:
+    """Keeps ``size`` paused, restored VMs of one config (or one snapshot) ready.
+
+    Args:
+        size: VMs to keep ready (0 disables refilling; the pool then only drains).
+        config: the sandbox config (default: ``VMConfig()``, the default image). Its VMs
+            are restored from that config's image snapshot (created on first use).
+        snapshot: restore from this user snapshot instead (``config`` is then ignored).
+        data_dir / socket_dir: as for :class:`SmolVMManager`.
+        start: start refilling now (else call :meth:`start`).
+        boot_timeout: seconds one restore may take.
+    """
+
+    def __init__(self, size: int = 1, config: VMConfig | None = None, *, snapshot: str | None = None,
+                 data_dir: Path | None = None, socket_dir: Path | None = None, start: bool = True,
+                 boot_timeout: float = 60.0) -> None:
+        if not isinstance(size, int) or size < 0:
+            raise ValidationError(f"pool size must be an integer >= 0, got {size!r}", field="size")
+        self.size = size
+        self.boot_timeout = boot_timeout
+        self.manager = SmolVMManager(data_dir=data_dir, socket_dir=socket_dir)
+        self.owner = _owner_token()
+        if snapshot is not None:
+            snap = get_snapshot(self.manager, snapshot)
+            self.config = snap.config
+            self.source: str | None = snapshot
+        else:
+            self.config = self.manager._resolve_image(config or VMConfig())
+            self.source = image_snapshot_ref(self.manager, self.config)
+            if self.source is None:
+                self.manager.close()
+                raise ValidationError("this config cannot be pooled: it needs an image with the guest "
+                                      "agent, the qemu backend and user or no networking", field="config")
+        digest = hashlib.sha256(json.dumps(self._match_view(self.config), sort_keys=True,
+                                           default=str).encode()).hexdigest()[:10]
+        self.key = f"{self.source}#{digest}"
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.errors: list[str] = []
+        #: Restores done by this pool, and hand-outs served (for stats and benchmarks).
+        self.filled = 0
+        self.handed_out = 0
+        reap_orphans(self.manager)
+        atexit.register(self.close)
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ matching
+    @staticmethod
+    def _match_view(cfg: VMConfig) -> dict[str, Any]:
+        return {f: (str(v) if isinstance(v := getattr(cfg, f), Path) else v) for f in _MATCH_FIELDS}
+
+    def matches(self, config: VMConfig | None) -> bool:
+        """True when a sandbox for ``config`` may come from this pool (env vars may differ;
+        an explicit ``vm_id`` never matches: pool VMs already have theirs)."""
+        if config is None:
+            config = VMConfig()
+        if "vm_id" in config.model_fields_set:
+            return False
+        try:
+            config = self.manager._resolve_image(config)
+        except SmolVMError:
+            return False
+        return self._match_view(config) == self._match_view(self.config)
+
+    # ------------------------------------------------------------------ state
+    def _rows(self) -> list[dict[str, Any]]:
+        return self.manager.state.pool_vms(self.key)
+
+    @property
+    def ready(self) -> int:
+        """Paused VMs ready to hand out now (any process's)."""
+        return sum(1 for r in self._rows() if r["status"] == VMState.PAUSED.value)
+
+    def vms(self) -> list[VMInfo]:
+        return [self.manager.get(r["vm_id"]) for r in self._rows()]
+
+    def stats(self) -> dict[str, Any]:
+        return {"key": self.key, "size": self.size, "ready": self.ready, "filled": self.filled,
+                "handed_out": self.handed_out, "errors": self.errors[-5:]}
+
+    def wait_ready(self, n: int | None = None, timeout: float = 120.0) -> bool:
+        """Block until ``n`` (default ``size``) VMs are ready; False on timeout."""
+        want = self.size if n is None else n
+        deadline = time.monotonic() + timeout
+        while self.ready < want:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    # ------------------------------------------------------------------ refill
+    def start(self) -> WarmPool:
+        with self._lock:
+            if self._closed:
+                raise SmolVMError("this pool is closed")
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._run, name=f"smolvm-pool-{self.key[-10:]}",
+                                                daemon=True)
+                self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while not self._stop.is_set():
+            live = [r for r in self._rows() if r["status"] != VMState.ERROR.value]
+            for r in self._rows():
+                if r["status"] == VMState.ERROR.value and r.get("pool_owner") == self.owner:
+                    self._discard(r["vm_id"])
+            if len(live) >= self.size:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._fill_one()
+                backoff = 1.0
+            except Exception as exc:  # keep refilling; surface the reason in stats()
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                log.warning("pool %s: refill failed: %s", self.key, exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _fill_one(self) -> None:
+        mgr = self.manager
+        if self.source is not None and self.source.startswith("image:"):
+            ensure_image_snapshot(mgr, self.config, boot_timeout=self.boot_timeout)
+        info = create_clone(mgr, self.source, env_vars={}, pool=self.key, pool_owner=self.owner,  # type: ignore[arg-type]
+                            port_forwards=self.config.port_forwards, comm_channel=self.config.comm_channel)
+        vm_id = info.vm_id
+        try:
+            restore_vm(mgr, vm_id, boot_timeout=self.boot_timeout, settle=True)
+            t = mgr._handoff.pop(vm_id)
+            try:
+                t.exec(ExecRequest("true", "login", 30))  # warm the translation cache
+            finally:
+                t.close()
+            row = mgr.state.get_vm(vm_id)
+            mgr.backend_for("qemu").pause(mgr.spec(row))
+            mgr.state.update_vm(vm_id, status=VMState.PAUSED.value)
+        except BaseException:
+            self._discard(vm_id)
+            raise
+        self.filled += 1
+        if self._stop.is_set():
+            self._discard(vm_id)
+
+    def _discard(self, vm_id: str) -> None:
+        try:
+            self.manager.delete(vm_id)
+        except SmolVMError as exc:
+            log.warning("pool %s: could not delete %s: %s", self.key, vm_id, exc)
+
+    # ------------------------------------------------------------------ hand-out
+    def acquire(self, manager: SmolVMManager | None = None, *, env_vars: dict[str, str] | None = None) -> VMInfo | None:
+        """Take a ready VM out of the pool and resume it; None when none is ready.
+
+        The VM's agent connection is left in ``manager`` (default: the pool's) for the
+        first ``transport()`` call, so the caller's first command needs no handshake."""
+        mgr = manager or self.manager
+        for _ in range(3):
+            vm_id = mgr.state.claim_pool_vm(self.key)
+            if vm_id is None:
+                return None
+            self._wake.set()
+            try:
+                return self._hand_out(mgr, vm_id, env_vars)
+            except SmolVMError as exc:
+                log.warning("pool %s: VM %s failed on hand-out (%s); discarding it", self.key, vm_id, exc)
+                try:
+                    mgr.delete(vm_id)
+                except SmolVMError:
+                    pass
+        return None
+
+    def _hand_out(self, mgr: SmolVMManager, vm_id: str, env_vars: dict[str, str] | None) -> VMInfo:
+        from smolvm.transports.agent import AgentTransport
+
+        row = mgr.state.get_vm(vm_id)
+        spec = mgr.spec(row)
+        mgr.backend_for("qemu").resume(spec)
+        upd: dict[str, Any] = {"status": VMState.RUNNING.value}
+        if env_vars:
+            cfg = dict(row["config"])
+            cfg["env_vars"] = dict(env_vars)
+            upd["config"] = cfg
+        mgr.state.update_vm(vm_id, **upd)
+        _renice(row["pid"], 0)
+        t = AgentTransport(spec.agent_socket, connect_timeout=10.0)
+        try:
+            t.sync_time()
+            t.add_entropy(os.urandom(64))
+            if env_vars:
+                t.write_file(GUEST_ENV_FILE, env_file_text(env_vars).encode(), 0o644)
+        except BaseException:
+            t.close()
+            raise
+        mgr._handoff[vm_id] = t
+        self.handed_out += 1
+        return mgr.get(vm_id)
+
+    def sandbox(self, **kw: Any) -> Any:
+        """A :class:`smolvm.SmolVM` from this pool (restored directly if none is ready)."""
+        from smolvm.facade import SmolVM
+
+        cfg = {k: v for k, v in self.config.model_dump().items() if k != "vm_id"}
+        return SmolVM(VMConfig(**cfg), pool=self, **kw)
+
+    # ------------------------------------------------------------------ drain
+    def drain(self) -> list[str]:
+        """Delete this pool's idle VMs (and those of dead owners); returns their ids."""
+        gone = []
+        for r in self._rows():
+            mine = r.get("pool_owner") == self.owner or not _owner_alive(r.get("pool_owner"))
+            if not mine:
+                continue
+            if r["status"] == VMState.PAUSED.value and not self.manager.state.claim_vm(r["vm_id"]):
+                continue
+            self._discard(r["vm_id"])
+            gone.append(r["vm_id"])
+        return gone
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop refilling and drain (idempotent; also runs at interpreter exit)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        try:
+            self.drain()
+        finally:
+            atexit.unregister(self.close)
+            _forget_default(self)
+            self.manager.close()
+
+    def __enter__(self) -> WarmPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"WarmPool(size={self.size}, key={self.key!r}, ready={self.ready})"
+
+
+# ---------------------------------------------------------------------- process-wide pool
+_defaults: dict[tuple[str, str], WarmPool] = {}
+_defaults_lock = threading.Lock()
+
+
+def pool_size_from_env() -> int:
+    try:
+        return max(0, int(os.environ.get("SMOLVM_POOL_SIZE", "0") or 0))
+    except ValueError:
+        return 0
+
+
+def default_pool(data_dir: Path | None = None, socket_dir: Path | None = None) -> WarmPool | None:
+    """The process-wide pool for the default config when ``SMOLVM_POOL_SIZE`` > 0."""
+    size = pool_size_from_env()
+    if size <= 0:
+        return None
+    from smolvm.paths import resolve_data_dir
+
+    key = (str(resolve_data_dir(data_dir)), str(socket_dir or ""))
+    with _defaults_lock:
+        p = _defaults.get(key)
+        if p is None or p._closed:
+            try:
+                p = WarmPool(size, data_dir=data_dir, socket_dir=socket_dir)
+            except SmolVMError as exc:
+                log.warning("SMOLVM_POOL_SIZE=%d ignored: %s", size, exc)
+                return None
+            _defaults[key] = p
+        return p
+
+
+def _forget_default(pool: WarmPool) -> None:
+    with _defaults_lock:
+        for k, v in list(_defaults.items()):
+            if v is pool:
+                del _defaults[k]
+
+
+__all__ = ["WarmPool", "default_pool", "reap_orphans"]
