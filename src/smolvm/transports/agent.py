@@ -100,6 +100,15 @@ class AgentProcessHandle(ProcessHandle):
         return b"".join(list(self._s.err))
 
 
+def _abandon(conn: _Conn, sid: int) -> None:
+    """Stop caring about stream ``sid``: kill its process (or cancel its transfer)."""
+    conn.drop_stream(sid)
+    try:
+        conn.send(OP_KILL, sid, struct.pack("<I", 9))
+    except TransportError:
+        pass  # connection gone: the agent already ended the session's commands
+
+
 def _result(s: _ExecStream, req: ExecRequest, duration: float) -> CommandResult:
     if s.error is not None:
         raise s.error
@@ -242,7 +251,8 @@ class AgentTransport(Transport):
         timeout_ms = 0 if req.timeout is None else max(1, math.ceil(req.timeout * 1000))
         flags = EXEC_STDIN if req.stdin is not None else 0
         parts = [struct.pack("<IIHH", min(timeout_ms, 0xFFFFFFFF), flags, len(argv), len(env))]
-        parts += [_enc(s, what) + b"\0" for s, what in [(req.cwd or "", "cwd")] + [(a, "command") for a in argv] + [(e, "env") for e in env]]
+        fields = [(req.cwd or "", "cwd"), *((a, "command") for a in argv), *((e, "env") for e in env)]
+        parts += [_enc(text, what) + b"\0" for text, what in fields]
         payload = b"".join(parts)
         if len(payload) > MAX_PAYLOAD or len(env) > 4096:
             raise ValidationError(f"command, cwd and env together exceed {MAX_PAYLOAD} bytes", field="command")
@@ -271,13 +281,14 @@ class AgentTransport(Transport):
         group; this raises ``OperationTimeoutError`` (partial output in ``.details``)."""
         conn, sid, stream, start = self._start(req, on_stdout, on_stderr)
         limit = None if req.timeout is None else req.timeout + _TIMEOUT_GRACE
-        if not stream.done.wait(limit):
+        try:
+            finished = stream.done.wait(limit)
+        except BaseException:  # e.g. KeyboardInterrupt: do not leave the command running
+            _abandon(conn, sid)
+            raise
+        if not finished:
             # The agent should have killed it already; do it ourselves and give up.
-            try:
-                conn.send(OP_KILL, sid, struct.pack("<I", 9))
-            except TransportError:
-                pass
-            conn.drop_stream(sid)
+            _abandon(conn, sid)
             raise OperationTimeoutError(
                 f"command timed out after {req.timeout:g} s (the guest agent did not report it): "
                 f"{req.command[:200]!r}",
@@ -321,12 +332,10 @@ class AgentTransport(Transport):
             conn.send(OP_FILE_END, sid)
             stream.wait(self.op_timeout, f"write {path}")
         except BaseException:
-            conn.drop_stream(sid)
-            if not stream.done.is_set():
-                try:
-                    conn.send(OP_KILL, sid)  # deletes the partial temporary file in the guest
-                except TransportError:
-                    pass
+            if stream.done.is_set():
+                conn.drop_stream(sid)
+            else:
+                _abandon(conn, sid)  # the agent deletes the partial temporary file
             raise
 
     def _read(self, path: str, sink: Callable[[bytes], None]) -> int:
@@ -337,12 +346,10 @@ class AgentTransport(Transport):
             conn.send(OP_READ_FILE, sid, _enc(path, "path"))
             stream.wait(self.op_timeout, f"read {path}")
         except BaseException:
-            conn.drop_stream(sid)
-            if not stream.done.is_set():
-                try:
-                    conn.send(OP_KILL, sid)
-                except TransportError:
-                    pass
+            if stream.done.is_set():
+                conn.drop_stream(sid)
+            else:
+                _abandon(conn, sid)
             raise
         return stream.mode
 
