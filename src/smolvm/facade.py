@@ -173,7 +173,7 @@ class SmolVM:
     # ------------------------------------------------------------------ lifecycle
     def start(self, boot_timeout: float = 30.0) -> SmolVM:
         """Boot the VM and wait up to ``boot_timeout`` seconds until it is ready; returns self."""
-        self._info = self._manager.start(self.vm_id, boot_timeout=boot_timeout)
+        self._info = self._manager.start(self.vm_id, boot_timeout=boot_timeout, keep_channel=True)
         return self
 
     def stop(self, timeout: float = 3.0) -> SmolVM:

@@ -369,7 +369,7 @@ def default_pool(data_dir: Path | None = None, socket_dir: Path | None = None) -
         return None
     from smolvm.paths import resolve_data_dir
 
-    key = (str(resolve_data_dir(data_dir)), str(socket_dir or ""))
+    key = (str(resolve_data_dir(data_dir)), str(Path(socket_dir) if socket_dir else Path("/tmp")))
     with _defaults_lock:
         p = _defaults.get(key)
         if p is None or p._closed:

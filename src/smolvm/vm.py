@@ -221,8 +221,12 @@ class SmolVMManager:
         disk.chmod(0o600)
 
     # ------------------------------------------------------------------ start
-    def start(self, vm_id: str, boot_timeout: float = 30.0) -> VMInfo:
-        """Boot a CREATED or STOPPED VM and wait (``boot_timeout`` seconds) until it is ready."""
+    def start(self, vm_id: str, boot_timeout: float = 30.0, *, keep_channel: bool = False) -> VMInfo:
+        """Boot a CREATED or STOPPED VM and wait (``boot_timeout`` seconds) until it is ready.
+
+        A VM created from a snapshot is restored instead; ``keep_channel`` keeps the agent
+        connection that restore opened for this manager's next ``transport()`` call (QEMU
+        serves one agent client at a time, so only a caller that will use it should)."""
         row = self.state.get_vm(vm_id)
         status = VMState(row["status"])
         if status not in (VMState.CREATED, VMState.STOPPED):
@@ -233,7 +237,10 @@ class SmolVMManager:
         if row["snapshot"] and row["started_at"] is None:
             from smolvm.snapshots import restore_vm
 
-            return restore_vm(self, vm_id, boot_timeout=boot_timeout)
+            info = restore_vm(self, vm_id, boot_timeout=boot_timeout)
+            if not keep_channel and (handed := self._handoff.pop(vm_id, None)) is not None:
+                handed.close()
+            return info
         if row["backend"] == "qemu":
             probe = self.host.accel()
             self.state.update_vm(vm_id, accelerator=probe.accel, accelerator_reason=probe.reason)
