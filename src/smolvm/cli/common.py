@@ -40,6 +40,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124  # like timeout(1): `smolvm run` hit --timeout
 EXIT_INTERRUPTED = 130
+EXIT_SIGPIPE = 141  # 128 + SIGPIPE: `smolvm run … | head` closed our stdout
 
 #: Console for data (stdout) and for diagnostics (stderr). No syntax highlighting: numbers
 #: and paths in our messages are not code.

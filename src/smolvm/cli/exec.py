@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +15,7 @@ import typer
 
 from smolvm.cli import common
 from smolvm.cli.common import (
+    EXIT_SIGPIPE,
     EXIT_TIMEOUT,
     CLIError,
     emit_json,
@@ -28,11 +32,45 @@ VmId = Annotated[str, typer.Argument(help="VM id (see `smolvm list`).", metavar=
 
 
 # ---------------------------------------------------------------------- run
-def _writer(stream: Any):
-    def write(chunk: bytes) -> None:
-        stream.write(chunk)
-        stream.flush()
-    return write
+class _Sink:
+    """Writes guest output to our stdout/stderr as it arrives.
+
+    When the reader goes away (``smolvm run ID -- yes | head``) the guest command is
+    stopped like SIGPIPE stops a local one: the rest is discarded and the main thread is
+    signalled out of its wait; closing the channel ends the command in the guest, and
+    ``run`` exits 141 (128+SIGPIPE).
+    """
+
+    broken = False
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def __call__(self, chunk: bytes) -> None:
+        if _Sink.broken:
+            return
+        try:
+            self.stream.write(chunk)
+            self.stream.flush()
+        except BrokenPipeError:
+            _Sink.broken = True
+            try:  # later writes (and the flush at exit) go nowhere instead of failing
+                fd = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(fd, self.stream.fileno())
+                os.close(fd)
+            except (OSError, ValueError):
+                pass
+            # A real signal: it interrupts the main thread's blocking wait (interrupt_main
+            # would only set a flag), and SIGUSR1 is not ignored like SIGINT may be.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+
+class _PipeClosed(Exception):
+    pass
+
+
+def _on_pipe_closed(signum: int, frame: Any) -> None:
+    raise _PipeClosed()
 
 
 def _run_in(vm: Any, command: str, *, timeout: float | None, shell: str, env: dict[str, str],
@@ -41,12 +79,19 @@ def _run_in(vm: Any, command: str, *, timeout: float | None, shell: str, env: di
 
     sys.stdout.flush()
     sys.stderr.flush()
+    previous = signal.signal(signal.SIGUSR1, _on_pipe_closed)
     try:
         res = vm.run(command, timeout=timeout, shell=shell, env=env or None, cwd=cwd, stdin=stdin,
-                     on_stdout=_writer(sys.stdout.buffer), on_stderr=_writer(sys.stderr.buffer))
+                     on_stdout=_Sink(sys.stdout.buffer), on_stderr=_Sink(sys.stderr.buffer))
     except OperationTimeoutError as exc:
         common.report_error(exc)
         return EXIT_TIMEOUT
+    except _PipeClosed:
+        return EXIT_SIGPIPE  # the caller's `finally` closes the channel: the guest command ends
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    if _Sink.broken:
+        return EXIT_SIGPIPE
     return int(res.exit_code)
 
 
