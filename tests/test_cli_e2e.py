@@ -181,6 +181,30 @@ def test_audit_records_cli_runs(cli: Ctx) -> None:
     assert r.code == 0 and "echo audited; exit 3" in r.out, str(r)
 
 
+def test_snapshot_create_list_restore_rm(cli: Ctx) -> None:
+    assert cli("run", VM, "--", "echo before-snapshot > /root/marker").code == 0
+    r = cli("snapshot", "create", VM, "cli-snap")
+    assert r.code == 0 and r.out.strip() == "cli-snap", str(r)
+    snaps = cli("snapshot", "list", "--json").json()
+    assert [(s["name"], s["source_vm"]) for s in snaps] == [("cli-snap", VM)]
+    assert "cli-snap" in cli("snapshot", "list").out
+    assert cli("info", VM, "--json").json()["status"] == "running"  # resumed after the save
+    r = cli("snapshot", "restore", "cli-snap", "--id", "cli-clone")
+    assert r.code == 0 and r.out.strip() == "cli-clone", str(r)
+    try:
+        r = cli("run", "cli-clone", "--", "cat /root/marker; hostname")
+        assert r.code == 0 and r.out == "before-snapshot\ncli-clone\n", str(r)
+        r = cli("snapshot", "rm", "cli-snap")  # a clone still uses it
+        assert r.code == 1 and "cli-clone" in one_line_error(r), str(r)
+    finally:
+        assert cli("delete", "--force", "cli-clone").code == 0
+    assert not qemu_pids_for("cli-clone")
+    assert cli("snapshot", "rm", "cli-snap").code == 0
+    assert cli("snapshot", "list", "--json").json() == []
+    r = cli("snapshot", "restore", "cli-snap")
+    assert r.code == 1 and "cli-snap" in one_line_error(r), str(r)
+
+
 def test_delete_running_needs_force(cli: Ctx) -> None:
     r = cli("delete", VM)
     assert r.code == 1 and "running" in one_line_error(r) and "--force" in r.err, str(r)
