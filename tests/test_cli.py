@@ -73,7 +73,7 @@ def ddir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ---------------------------------------------------------------------- help and version
 COMMANDS = [
-    [], ["create"], ["start"], ["stop"], ["delete"], ["list"], ["info"], ["logs"], ["reconcile"],
+    [], ["create"], ["start"], ["stop"], ["delete"], ["pause"], ["resume"], ["list"], ["info"], ["logs"], ["reconcile"],
     ["prune"], ["run"], ["ssh"], ["cp"], ["env"], ["env", "set"], ["env", "unset"], ["env", "list"],
     ["audit"], ["setup"], ["doctor"], ["image"], ["image", "build"], ["image", "list"],
     ["image", "rm"], ["image", "prune"], ["snapshot"], ["snapshot", "create"],
@@ -146,6 +146,7 @@ def test_usage_errors_exit_2(ddir: Path, argv: list[str]) -> None:
 
 @pytest.mark.parametrize("argv", [
     ["info", "ghost"], ["start", "ghost"], ["stop", "ghost"], ["delete", "ghost"],
+    ["pause", "ghost"], ["resume", "ghost"],
     ["run", "ghost", "--", "true"], ["logs", "ghost"], ["env", "list", "ghost"],
     ["env", "set", "ghost", "A=1"], ["ssh", "ghost"], ["cp", "ghost:/etc/hostname", "."],
     ["info", "ghost", "--json"],

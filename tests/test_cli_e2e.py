@@ -181,6 +181,20 @@ def test_audit_records_cli_runs(cli: Ctx) -> None:
     assert r.code == 0 and "echo audited; exit 3" in r.out, str(r)
 
 
+def test_pause_and_resume(cli: Ctx) -> None:
+    r = cli("pause", VM)
+    assert r.code == 0 and cli("info", VM, "--json").json()["status"] == "paused", str(r)
+    try:
+        r = cli("run", VM, "--", "true")
+        assert r.code == 1 and "paused" in one_line_error(r) and f"smolvm resume {VM}" in r.err, str(r)
+        r = cli("pause", VM)
+        assert r.code == 1 and "not running" in one_line_error(r), str(r)
+    finally:
+        r = cli("resume", VM)
+    assert r.code == 0, str(r)
+    assert cli("run", VM, "--", "echo back").out == "back\n"
+
+
 def test_snapshot_create_list_restore_rm(cli: Ctx) -> None:
     assert cli("run", VM, "--", "echo before-snapshot > /root/marker").code == 0
     r = cli("snapshot", "create", VM, "cli-snap")

@@ -267,7 +267,7 @@ def require_running(info: Any) -> None:
     if status == "running":
         return
     if status == "paused":
-        raise CLIError(f"VM {info.vm_id} is paused", "resume it from the SDK (SmolVM.resume())")
+        raise CLIError(f"VM {info.vm_id} is paused", f"resume it: smolvm resume {info.vm_id}")
     if status == "error":
         raise CLIError(f"VM {info.vm_id} is in state error ({info.error or 'unknown cause'})",
                        f"see `smolvm logs {info.vm_id}`, then `smolvm delete {info.vm_id}`")

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from smolvm.cli import common, doctor, exec, extras, images, setup, vms
+from smolvm.cli import common, doctor, execution, extras, images, setup, vms
 from smolvm.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, OPTS, click_exc, err
 
 
@@ -110,16 +110,18 @@ app.command("create", rich_help_panel=LIFECYCLE)(vms.create)
 app.command("start", rich_help_panel=LIFECYCLE)(vms.start)
 app.command("stop", rich_help_panel=LIFECYCLE)(vms.stop)
 app.command("delete", rich_help_panel=LIFECYCLE)(vms.delete)
+app.command("pause", rich_help_panel=LIFECYCLE)(vms.pause)
+app.command("resume", rich_help_panel=LIFECYCLE)(vms.resume)
 app.command("list", rich_help_panel=LIFECYCLE)(vms.list_vms)
 app.command("info", rich_help_panel=LIFECYCLE)(vms.show_info)
 app.command("logs", rich_help_panel=LIFECYCLE)(vms.logs)
 app.command("reconcile", rich_help_panel=LIFECYCLE)(vms.reconcile)
 app.command("prune", rich_help_panel=LIFECYCLE)(vms.prune)
 
-app.command("run", rich_help_panel=COMMANDS)(exec.run)
+app.command("run", rich_help_panel=COMMANDS)(execution.run)
 app.command("ssh", rich_help_panel=COMMANDS)(vms.ssh)
-app.command("cp", rich_help_panel=COMMANDS)(exec.cp)
-app.add_typer(exec.env_app, name="env", rich_help_panel=COMMANDS)
+app.command("cp", rich_help_panel=COMMANDS)(execution.cp)
+app.add_typer(execution.env_app, name="env", rich_help_panel=COMMANDS)
 app.command("audit", rich_help_panel=COMMANDS)(extras.audit)
 
 app.command("setup", rich_help_panel=HOST)(setup.setup)

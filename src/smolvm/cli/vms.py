@@ -143,6 +143,20 @@ def stop(
                 err.print(f"{vm_id} was not running ({before})")
 
 
+def pause(vm_id: VmId) -> None:
+    """Freeze a running VM (its vCPUs stop; memory stays allocated)."""
+    with open_manager() as m:
+        m.pause(vm_id)
+    err.print(f"paused {vm_id}")
+
+
+def resume(vm_id: VmId) -> None:
+    """Continue a paused VM (its clock is resynchronised)."""
+    with open_manager() as m:
+        m.resume(vm_id)
+    err.print(f"resumed {vm_id}")
+
+
 def delete(
     vm_ids: Annotated[list[str], typer.Argument(help="VM id(s).", metavar="ID...")],
     force: Annotated[bool, typer.Option("--force", "-f", help="Delete even if running (stops it first).")] = False,
