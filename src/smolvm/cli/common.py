@@ -23,17 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
     from smolvm.facade import SmolVM
     from smolvm.vm import SmolVMManager
-
-try:  # typer >= 0.22 vendors click; older releases use the click package
-    from typer._click import exceptions as click_exc  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the installed typer
-    from click import exceptions as click_exc  # type: ignore[no-redef]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -133,23 +127,23 @@ def report_error(exc: BaseException) -> int:
     if not known:
         text = f"{type(exc).__name__}: {text}"
     first, _, rest = text.partition("\n")
-    err.print(f"[bold red]error:[/] {_esc(first)}")
+    err.print(f"[bold red]error:[/] {esc(first)}")
     if rest.strip():
         if OPTS.debug or not known:
-            err.print(_esc(rest.rstrip()), style="dim")
+            err.print(esc(rest.rstrip()), style="dim")
         else:
             err.print("[dim](more detail with --debug)[/]")
     rem = remediation_of(exc)
     if rem:
         label = "hint" if exit_code_for(exc) == EXIT_USAGE else "fix"
-        err.print(f"[yellow]{label}:[/] {_esc(rem)}")
+        err.print(f"[yellow]{label}:[/] {esc(rem)}")
     if not known and not OPTS.debug:
         err.print("[dim]this looks like a bug in smolvm: rerun with --debug (or SMOLVM_DEBUG=1) "
                   "for the traceback[/]")
     return exit_code_for(exc)
 
 
-def _esc(s: str) -> str:
+def esc(s: str) -> str:
     from rich.markup import escape
 
     return escape(s)

@@ -269,9 +269,9 @@ def doctor(
         emit_json(report)
     else:
         for c in report["checks"]:
-            out.print(f"{_MARK[c['status']]}  [bold]{c['name']:<12}[/] {common._esc(c['detail'])}")
+            out.print(f"{_MARK[c['status']]}  [bold]{c['name']:<12}[/] {common.esc(c['detail'])}")
             if c["fix"] and c["status"] in (WARN, FAIL):
-                out.print(f"      {'':<12} [dim]fix:[/] {common._esc(c['fix'])}")
+                out.print(f"      {'':<12} [dim]fix:[/] {common.esc(c['fix'])}")
         fails = sum(c["status"] == FAIL for c in report["checks"])
         warns = sum(c["status"] == WARN for c in report["checks"])
         verdict = "[green]ready[/]" if report["ok"] else "[bold red]not ready[/]"

@@ -63,7 +63,7 @@ def audit(
     colors = {"ok": "green", "failed": "yellow", "blocked": "red", "error": "red"}
     for r in reversed(recs):  # oldest at the top, like a log
         detail = r.blocked_by or r.error
-        cmd = common._esc(r.command) + (f" [dim]({common._esc(detail)})[/]" if detail else "")
+        cmd = common.esc(r.command) + (f" [dim]({common.esc(detail)})[/]" if detail else "")
         t.add_row(r.started_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"), *([] if vm_id else [r.vm_id]),
                   f"[{colors.get(r.status, '')}]{r.status}[/]",
                   "-" if r.exit_code is None else str(r.exit_code),
@@ -198,12 +198,12 @@ def demo(
         t_boot = time.monotonic() - t0
         info = vm.info
         err.print(f"booted in [bold]{t_boot:.2f} s[/] (accelerator {info.accelerator}: "
-                  f"{common._esc(info.accelerator_reason or '')})")
+                  f"{common.esc(info.accelerator_reason or '')})")
         for cmd in ("echo 'Hello from SmolVM'", "uname -a"):
             t0 = time.monotonic()
             res = vm.run(cmd, timeout=30)
             timings.append(time.monotonic() - t0)
-            out.print(f"[bold cyan]$ {common._esc(cmd)}[/]")
+            out.print(f"[bold cyan]$ {common.esc(cmd)}[/]")
             sys.stdout.write(res.stdout)
             sys.stdout.flush()
             if res.stderr:

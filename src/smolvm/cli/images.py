@@ -39,9 +39,9 @@ class BuildProgress:
 
     def __call__(self, msg: str) -> None:
         stamp = f"[dim]{time.monotonic() - self.t0:6.1f}s[/]"
-        err.print(f"  {stamp} {common._esc(msg)}")
+        err.print(f"  {stamp} {common.esc(msg)}")
         if self._status is not None:
-            self._status.update(f"{self.title}: {common._esc(msg)}")
+            self._status.update(f"{self.title}: {common.esc(msg)}")
 
     def __exit__(self, *exc: object) -> None:
         if self._status is not None:

@@ -15,7 +15,12 @@ import typer
 from typer.core import TyperGroup
 
 from smolvm.cli import common, doctor, execution, extras, images, setup, vms
-from smolvm.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, OPTS, click_exc, err
+from smolvm.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, OPTS, err
+
+try:  # recent typer vendors click as typer._click; older releases use the click package
+    from typer._click import exceptions as click_exc  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_exc  # type: ignore[no-redef]
 
 
 class SmolGroup(TyperGroup):
@@ -40,11 +45,11 @@ class SmolGroup(TyperGroup):
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click_exc.UsageError as exc:
             cmd = exc.ctx.command_path if exc.ctx is not None else "smolvm"
-            err.print(f"[bold red]error:[/] {common._esc(exc.format_message())}")
-            err.print(f"[dim]see `{common._esc(cmd)} --help`[/]")
+            err.print(f"[bold red]error:[/] {common.esc(exc.format_message())}")
+            err.print(f"[dim]see `{common.esc(cmd)} --help`[/]")
             sys.exit(exc.exit_code if exc.exit_code else EXIT_USAGE)
         except click_exc.ClickException as exc:
-            err.print(f"[bold red]error:[/] {common._esc(exc.format_message())}")
+            err.print(f"[bold red]error:[/] {common.esc(exc.format_message())}")
             sys.exit(exc.exit_code)
         except typer.Abort:
             err.print("[yellow]aborted[/]")

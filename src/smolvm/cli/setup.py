@@ -55,7 +55,7 @@ def _apt(argv: list[str]) -> None:
             raise CLIError("installing packages needs root", "rerun as root: sudo smolvm setup")
         prefix = ["sudo"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    err.print(f"[dim]$ {common._esc(' '.join(prefix + argv))}[/]")
+    err.print(f"[dim]$ {common.esc(' '.join(prefix + argv))}[/]")
     proc = subprocess.run(prefix + argv, env=env, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise CLIError(f"`{' '.join(argv[:2])}` failed (exit {proc.returncode})",
@@ -94,7 +94,7 @@ def setup(
     from smolvm.host.accel import accel_decision
 
     probe = accel_decision(common.data_dir() / "cache")
-    err.print(f"accelerator: [bold]{probe.accel}[/] ({common._esc(probe.reason)})")
+    err.print(f"accelerator: [bold]{probe.accel}[/] ({common.esc(probe.reason)})")
 
     if no_image:
         return

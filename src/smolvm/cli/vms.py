@@ -248,9 +248,9 @@ def show_info(vm_id: VmId, json_out: JsonOpt = False) -> None:
     if v.snapshot:
         rows.append(("snapshot", v.snapshot))
     if v.error:
-        rows.append(("error", f"[red]{common._esc(v.error)}[/]"))
+        rows.append(("error", f"[red]{common.esc(v.error)}[/]"))
     for k, val in rows:
-        t.add_row(k, val if k in ("status", "error") else common._esc(val))
+        t.add_row(k, val if k in ("status", "error") else common.esc(val))
     out.print(t)
 
 
