@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -99,19 +100,11 @@ def create(
 
 def _start(m: Any, vm_id: str, timeout: float) -> Any:
     t0 = time.monotonic()
-    with err.status(f"booting {vm_id}…") if err.is_terminal else _null():
+    with err.status(f"booting {vm_id}…") if err.is_terminal else contextlib.nullcontext():
         info = m.start(vm_id, boot_timeout=timeout)
     err.print(f"started {vm_id} in {time.monotonic() - t0:.1f} s "
               f"(accelerator {info.accelerator or '?'})")
     return info
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def start(
