@@ -267,6 +267,12 @@ def test_host_packages_list_and_module_entry() -> None:
     p = subprocess.run([sys.executable, "-m", "smolvm.cli.setup", "--print-packages"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.split() == HOST_PACKAGES
+    # setup-host.sh runs it as a plain script before any dependency exists (-S: no site-packages)
+    import smolvm.cli.setup as setup_mod
+
+    p = subprocess.run([sys.executable, "-S", setup_mod.__file__, "--print-packages"],
+                       capture_output=True, text=True, timeout=60, cwd="/")
+    assert p.returncode == 0 and p.stdout.split() == HOST_PACKAGES, p.stderr
 
 
 def test_setup_dry_run_is_idempotent(ddir: Path) -> None:

@@ -1,7 +1,9 @@
 """``smolvm setup``: install missing host packages (apt-get) and build the default image.
 
-``HOST_PACKAGES`` is the single list of Debian/Ubuntu packages SmolVM needs on the host;
-``scripts/setup-host.sh`` reads it too (``python -m smolvm.cli.setup --print-packages``).
+``HOST_PACKAGES`` is the single list of Debian/Ubuntu packages SmolVM needs on the host.
+``scripts/setup-host.sh`` reads it with any Python 3, before a virtualenv exists:
+``python3 src/smolvm/cli/setup.py --print-packages`` (one package per line); with the
+package installed, ``python -m smolvm.cli.setup --print-packages`` works too.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ import subprocess
 import sys
 from typing import Annotated
 
-import typer
+try:
+    import typer
 
-from smolvm.cli import common
-from smolvm.cli.common import CLIError, err
+    from smolvm.cli import common
+    from smolvm.cli.common import CLIError, err
+except ImportError:  # run as a plain script (setup-host.sh, no dependencies installed yet)
+    if __name__ != "__main__":
+        raise
 
 #: Debian/Ubuntu packages needed on the host, and why.
 HOST_PACKAGES_WHY: dict[str, str] = {
