@@ -8,13 +8,15 @@ Images may live elsewhere (``$SMOLVM_IMAGE_DIR``) so many data dirs can share on
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
 def _writable(p: Path) -> bool:
     try:
         p.mkdir(parents=True, exist_ok=True, mode=0o700)
-        probe = p / ".write-test"
+        # Unique per process and thread: concurrent SmolVM() calls probe at the same time.
+        probe = p / f".write-test-{os.getpid()}-{threading.get_ident()}"
         probe.touch()
         probe.unlink()
         return True
