@@ -344,8 +344,11 @@ def main() -> int:
     per = a.per_round or (5 if a.quick else 10)
     warm = a.warm or (30 if a.quick else 200)
 
+    from smolvm.paths import resolve_data_dir, resolve_image_dir
     from smolvm.pool import WarmPool
 
+    # Private data dirs, but the machine's usual image (and its boot snapshot) — not a rebuild.
+    os.environ.setdefault("SMOLVM_IMAGE_DIR", str(resolve_image_dir(resolve_data_dir())))
     peer = None
     if not a.no_peer:
         Peer.ensure(a.peer_venv)

@@ -18,6 +18,8 @@ from smolvm.exceptions import (
     VMNotFoundError,
 )
 from smolvm.facade import SmolVM
+from smolvm.pool import WarmPool
+from smolvm.snapshots import SnapshotInfo
 from smolvm.images.builder import ImageBuilder
 from smolvm.types import CommandResult, VMConfig, VMInfo, VMState
 from smolvm.vm import SmolVMManager
@@ -28,5 +30,5 @@ __all__ = [
     "SmolVM", "SmolVMManager", "VMConfig", "VMInfo", "VMState", "CommandResult", "ImageBuilder",
     "Callback", "RunContext", "CommandBlockedError", "SmolVMError", "ValidationError",
     "VMNotFoundError", "VMAlreadyExistsError", "OperationTimeoutError",
-    "CommandExecutionUnavailableError", "NetworkError", "ImageError",
+    "CommandExecutionUnavailableError", "NetworkError", "ImageError", "WarmPool", "SnapshotInfo",
 ]

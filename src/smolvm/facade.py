@@ -14,6 +14,7 @@ from smolvm.exceptions import (
     CommandExecutionUnavailableError,
     OperationTimeoutError,
     SmolVMError,
+    SnapshotError,
     ValidationError,
 )
 from smolvm.hooks import run_pre_hooks, run_with_callbacks
@@ -95,10 +96,13 @@ class SmolVM:
                 except SmolVMError:
                     ref = None
             if ref is not None:
-                return snapshots.create_clone(
-                    mgr, ref, vm_id=config.vm_id, env_vars=config.env_vars,
-                    port_forwards=config.port_forwards, comm_channel=config.comm_channel,
-                    retain_disk_on_delete=config.retain_disk_on_delete)
+                try:
+                    return snapshots.create_clone(
+                        mgr, ref, vm_id=config.vm_id, env_vars=config.env_vars,
+                        port_forwards=config.port_forwards, comm_channel=config.comm_channel,
+                        retain_disk_on_delete=config.retain_disk_on_delete)
+                except SnapshotError as exc:  # stale or damaged: a cold boot still works
+                    log.warning("cannot restore %s (%s); cold boot instead", ref, exc)
         return mgr.create(config)
 
     # ------------------------------------------------------------------ reconnect

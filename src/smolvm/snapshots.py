@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("smolvm.snapshots")
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 IMAGE_REF_PREFIX = "image:"
 SHM_DIR = Path("/dev/shm")
 _SHM_NAME = re.compile(r"/smolvm-[A-Za-z0-9_-]+\.mem( \(deleted\))?$")
@@ -155,6 +155,17 @@ def get_snapshot(mgr: SmolVMManager, ref: str) -> SnapshotInfo:
     if row is None or not (row["meta"] or {}).get("complete"):
         raise SnapshotNotFoundError(f"no snapshot named {ref!r} (see list_snapshots())")
     return _info_from_row(row)
+
+
+def gc_incomplete(mgr: SmolVMManager, older_than: float = 600.0) -> list[str]:
+    """Remove snapshots a crash left half-written (row + files), older than ``older_than`` s."""
+    gone = []
+    for row in mgr.state.list_snapshots():
+        if not (row["meta"] or {}).get("complete") and time.time() - row["created_at"] > older_than:
+            shutil.rmtree(row["path"], ignore_errors=True)
+            mgr.state.delete_snapshot(row["name"])
+            gone.append(row["name"])
+    return gone
 
 
 def list_snapshots(mgr: SmolVMManager) -> list[SnapshotInfo]:
@@ -280,8 +291,12 @@ def _launch_facts(spec: LaunchSpec, net: NetworkInfo) -> dict[str, Any]:
 
 
 def _image_key(config: VMConfig) -> str | None:
+    """Identifies one build of the VM's image (a rebuild replaces rootfs.ext4 in place, and
+    every frozen disk layer above it would silently read the new one)."""
     art = artifacts_for_kernel(config.kernel_path) if config.kernel_path else None
-    return art.manifest.get("local_key") if art else None
+    if art is None:
+        return None
+    return f"{art.manifest.get('local_key')}@{art.manifest.get('built_at')}"
 
 
 # ---------------------------------------------------------------------------- create
@@ -327,6 +342,7 @@ def create_snapshot(mgr: SmolVMManager, vm_id: str, name: str, *, resume: bool =
     _check_snapshottable(row)
     status = VMState(row["status"])
     d = snapshots_dir(mgr) / name
+    gc_incomplete(mgr)
     if d.exists() and mgr.state.get_snapshot(name) is None:
         shutil.rmtree(d)  # debris of a crash before the row was written
     mgr.state.insert_snapshot(name, source_vm=vm_id, path=str(d), config=row["config"],
@@ -439,6 +455,9 @@ def restore_vm(mgr: SmolVMManager, vm_id: str, *, boot_timeout: float = 30.0, pa
     row = mgr.state.get_vm(vm_id)
     snap = get_snapshot(mgr, row["snapshot"])
     _check_files(snap)
+    if not _has_agent(snap.config):
+        raise SnapshotError(f"snapshot {snap.name!r}: restoring needs the guest agent (the clone's "
+                            "clock, RNG and identity are reset through it); this image has none")
     mgr.state.update_vm(vm_id, accelerator=snap.meta["launch"]["accel"],
                         accelerator_reason=f"restored from snapshot {snap.name}")
     row = mgr.state.get_vm(vm_id)
@@ -476,6 +495,11 @@ def restore_vm(mgr: SmolVMManager, vm_id: str, *, boot_timeout: float = 30.0, pa
         _fail(mgr, vm_id, exc)
         raise
     return mgr.get(vm_id)
+
+
+def _has_agent(config: VMConfig) -> bool:
+    art = artifacts_for_kernel(config.kernel_path) if config.kernel_path else None
+    return bool(art and art.has_agent)
 
 
 def _fail(mgr: SmolVMManager, vm_id: str, exc: BaseException) -> None:
@@ -589,6 +613,9 @@ def refresh_guest(mgr: SmolVMManager, vm_id: str, transport: AgentTransport | No
     agent is unreachable, e.g. another process holds its channel)."""
     own = transport is None
     t = transport
+    row = mgr.state.get_vm(vm_id)
+    if t is None and not _has_agent(_config_from(row["config"])):
+        return False  # SSH-only image: nothing to talk to (its clock catches up by NTP, if any)
     try:
         if t is None:
             cached = mgr._handoff.get(vm_id)
@@ -596,7 +623,7 @@ def refresh_guest(mgr: SmolVMManager, vm_id: str, transport: AgentTransport | No
                 t = cached
                 own = False
             else:
-                t = _agent(mgr.spec(mgr.state.get_vm(vm_id)), timeout)
+                t = _agent(mgr.spec(row), timeout)
         t.sync_time()
         t.add_entropy(os.urandom(64))
         return True
@@ -714,7 +741,21 @@ def ensure_image_snapshot(mgr: SmolVMManager, config: VMConfig | None = None, *,
                 failed.write_text(str(exc))
             raise
     failed.unlink(missing_ok=True)
+    _prune_stale(root)
     return ref
+
+
+def _prune_stale(root: Path) -> None:
+    """Drop image snapshots an older SmolVM wrote (another format never matches a key)."""
+    for d in root.iterdir():
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        try:
+            fmt = json.loads((d / "meta.json").read_text()).get("format")
+        except (OSError, ValueError):
+            continue
+        if fmt != SNAPSHOT_FORMAT:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -789,7 +830,7 @@ def build_default_snapshot(builder: ImageBuilder) -> str | None:
 
 
 __all__ = [
-    "SnapshotInfo", "create_snapshot", "get_snapshot", "list_snapshots", "delete_snapshot",
+    "SnapshotInfo", "create_snapshot", "get_snapshot", "list_snapshots", "delete_snapshot", "gc_incomplete",
     "create_clone", "restore_vm", "push_identity", "refresh_guest", "ensure_image_snapshot",
     "default_snapshot_for", "image_snapshot_ref", "write_qcow2_overlay", "boot_memory",
 ]

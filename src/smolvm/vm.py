@@ -421,8 +421,10 @@ class SmolVMManager:
                 if token:
                     self.state.remove_resource("process", token)
         from smolvm.pool import reap_orphans
+        from smolvm.snapshots import gc_incomplete
 
         reap_orphans(self)  # pool VMs whose owning process died
+        gc_incomplete(self)  # snapshots a crash left half-written
         known = {r["vm_id"] for r in self.state.list_vms()}
         for r in self.state.resources():
             if r["vm_id"] not in known:
