@@ -394,3 +394,21 @@ def test_reconcile_after_crash_removes_tap_and_rules(vms):
     assert net.tap_device not in links() and net.gateway_ip not in addresses()
     assert rules_mentioning(f"smolvm:{vm_id}:", f'"{net.guest_ip}"') == []
     assert mgr.state.resources(vm_id) == []
+
+
+@pytest.mark.root
+@pytest.mark.e2e
+@needs_root
+def test_restart_recreates_tap_lost_with_a_host_reboot(vms):
+    vm = vms.sandbox(VMConfig(network="tap")).start()
+    net = vm.info.network
+    vm.stop()
+    tapmod.delete_tap_device(net.tap_device)          # what a host reboot does to the TAP
+    tapmod.delete_nft_rules(tapmod.rule_tag(vm.vm_id, net.tap_device))
+    assert net.tap_device not in links()
+    vm.start()
+    assert net.tap_device in links() and rules_mentioning(f"smolvm:{vm.vm_id}:")
+    assert net.guest_ip in vm.run("ip -4 addr show eth0").output
+    assert vm.run("ping -c1 -W2 " + net.gateway_ip + " >/dev/null && echo up").output == "up"
+    vm.delete()
+    assert net.tap_device not in links()

@@ -71,3 +71,11 @@ def test_port_reservation_is_atomic_across_processes(tmp_path: Path):
         p.join()
     flat = [p for r in results for p in r]
     assert len(flat) == 40 and len(set(flat)) == 40
+
+
+def test_removing_a_port_resource_frees_the_port(tmp_path: Path):
+    s = StateStore(tmp_path / "state.db")
+    port = s.reserve_port("gone", "ssh", iter([45000]))
+    s.remove_resource("port", str(port))
+    assert s.ports("gone") == []
+    assert s.reserve_port("new", "ssh", iter([45000])) == 45000

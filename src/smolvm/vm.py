@@ -245,6 +245,11 @@ class SmolVMManager:
             probe = self.host.accel()
             self.state.update_vm(vm_id, accelerator=probe.accel, accelerator_reason=probe.reason)
             row = self.state.get_vm(vm_id)
+        net = NetworkInfo.model_validate(row["network"])
+        if net.mode == "tap":
+            from smolvm.network.tap import ensure_tap
+
+            ensure_tap(self.state, vm_id, net)
         spec = self.spec(row)
         self._write_config_disk(row, spec)
         return self._launch_and_wait(row, spec, boot_timeout)

@@ -413,3 +413,27 @@ def release_tap(state: StateStore, vm_id: str, net: NetworkInfo | None = None) -
     for r in sorted(rows, key=lambda r: order[r["kind"]]):
         remove_resource(r["kind"], r["value"])
         state.remove_resource(r["kind"], r["value"])
+
+
+def ensure_tap(state: StateStore, vm_id: str, net: NetworkInfo) -> None:
+    """Before (re)starting a TAP VM: re-create its device and rules if they are gone (e.g.
+    after a host reboot), from the lease and forwards already recorded in state."""
+    if not net.tap_device or not net.gateway_ip or not net.guest_ip:
+        raise NetworkError(f"VM {vm_id} has no TAP lease recorded; delete and re-create it")
+    require_root()
+    tag = rule_tag(vm_id, net.tap_device)
+    with _ipr() as ipr:
+        if ipr.link_lookup(ifname=net.tap_device):
+            return
+    delete_nft_rules(tag)  # stale rules of this VM, if any (takes the host lock itself)
+    with host_lock(), _ipr() as ipr:
+        state.add_resource(vm_id, "tap", net.tap_device)
+        _create_tap(ipr, net.tap_device, net.gateway_ip, prefix_of(net.netmask))
+        fwd = {net.ssh_host_port: 22} if net.ssh_host_port else {}
+        fwd.update({int(h): int(g) for h, g in net.port_forwards.items()})
+        cmds = _base_objects()
+        if not any(r.get("comment") == ISOLATE_TAG for r in nft_rules() or []):
+            cmds.append(_isolation_rule())
+        state.add_resource(vm_id, "nft", tag)
+        nft_apply(cmds + vm_rules(tag, net.tap_device, net.guest_ip, net.gateway_ip, fwd))
+        _set_sysctl("net/ipv4/ip_forward", "1")

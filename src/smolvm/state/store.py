@@ -162,6 +162,8 @@ class StateStore:
     def remove_resource(self, kind: str, value: str) -> None:
         with self.tx() as conn:
             conn.execute("DELETE FROM resources WHERE kind=? AND value=?", (kind, str(value)))
+            if kind == "port":  # the reservation itself, or the port stays taken forever
+                conn.execute("DELETE FROM ports WHERE port=?", (int(value),))
 
     def resources(self, vm_id: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
         q, args = "SELECT * FROM resources WHERE 1=1", []
