@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,5 +131,10 @@ def injection_model_dir(request: pytest.FixtureRequest) -> Path:
     trainer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(trainer)
     root = os.environ.get("SMOLVM_TEST_MODEL_CACHE")
-    cache_root = Path(root) if root else Path(request.config.cache.mkdir("smolvm-models"))
+    if root:
+        cache_root = Path(root)
+    elif getattr(request.config, "cache", None) is not None:
+        cache_root = Path(request.config.cache.mkdir("smolvm-models"))
+    else:  # -p no:cacheprovider
+        cache_root = Path(tempfile.gettempdir()) / "smolvm-test-models"
     return trainer.build_model(cache_root)

@@ -40,19 +40,7 @@ def _load_trainer():
 trainer = _load_trainer()
 
 
-@pytest.fixture(scope="session")
-def injection_model_dir(request: pytest.FixtureRequest) -> Path:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    root = os.environ.get("SMOLVM_TEST_MODEL_CACHE")
-    if root:
-        cache_root = Path(root)
-    elif getattr(request.config, "cache", None) is not None:
-        cache_root = Path(request.config.cache.mkdir("smolvm-models"))
-    else:  # -p no:cacheprovider
-        cache_root = Path(tempfile.gettempdir()) / "smolvm-test-models"
-    torch.set_num_threads(1)  # tiny model: one thread avoids contention on a busy 2-core host
-    return trainer.build_model(cache_root)
+# injection_model_dir (the locally trained model) comes from conftest.py.
 
 
 @pytest.fixture(scope="session")
