@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("smolvm.snapshots")
 
-SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMAT = 3
 IMAGE_REF_PREFIX = "image:"
 SHM_DIR = Path("/dev/shm")
 _SHM_NAME = re.compile(r"/smolvm-[A-Za-z0-9_-]+\.mem( \(deleted\))?$")
@@ -566,17 +566,28 @@ _SETTLE = ("; i=0; while [ $i -lt 500 ] && ! grep -q ':0016 00000000:0000 0A' /p
            "/proc/net/tcp6 2>/dev/null; do usleep 10000; i=$((i+1)); done")
 
 
-def _identity_script(settle: bool, env_file: bool) -> str:
-    """One guest command that makes a restored guest this VM. The old SSH server (with the
-    snapshot's host key) is stopped at once; writing the new key, /etc/hostname, /etc/hosts
-    and starting the SSH server happen in the background at the lowest priority (so a
-    first command does not wait for them) unless ``settle``."""
-    head = 'old=$(pidof dropbear); [ -n "$old" ] && kill $old; '
+#: Stop every dropbear with shell builtins only (no fork/exec: each costs ~10-50 ms on a
+#: freshly restored TCG guest, whose translation cache is empty).
+_KILL_SSHD = ('old=; for d in /proc/[0-9]*; do read -r c < $d/comm 2>/dev/null && '
+              '[ "$c" = dropbear ] && old="$old ${d#/proc/}"; done; [ -n "$old" ] && kill $old; ')
+
+
+def _identity_script(settle: bool, env_file: bool, sshd_running: bool = True) -> str:
+    """One guest command that makes a restored guest this VM.
+
+    An SSH server left running by the snapshot (its host key and authorized_keys belong to
+    the source) is stopped at once; image snapshots are taken with it stopped. The env
+    file is written before the command returns. The new host key, authorized_keys,
+    /etc/hostname, /etc/hosts and the SSH server start follow in the background, a second
+    later and at the lowest priority, so a first command does not compete with them —
+    unless ``settle``, which does it all before returning and waits for port 22."""
+    head = _KILL_SSHD if sshd_running else ""
     if env_file:
-        head += f'printf %s "$SMOLVM_ENVFILE" > {GUEST_ENV_FILE}.new && mv {GUEST_ENV_FILE}.new {GUEST_ENV_FILE}; '
+        head += f'printf %s "$SMOLVM_ENVFILE" > {GUEST_ENV_FILE}; '
     if settle:
         return head + "{ " + _IDENTITY_BG + _SETTLE + "; } </dev/null >/dev/null 2>&1; true"
-    return head + "( " + _IDENTITY_BG + " ) </dev/null >/dev/null 2>&1 & renice -n 19 -p $! >/dev/null 2>&1; true"
+    return (head + "( sleep 1; read -r me _ < /proc/self/stat; renice -n 19 -p $me; " + _IDENTITY_BG
+            + " ) </dev/null >/dev/null 2>&1 & true")
 
 
 def push_identity(mgr: SmolVMManager, vm_id: str, t: AgentTransport, snap: SnapshotInfo | None = None,
@@ -601,7 +612,8 @@ def push_identity(mgr: SmolVMManager, vm_id: str, t: AgentTransport, snap: Snaps
     write_env = snap is None or env_vars != (snap.meta.get("env_vars") or {})
     if write_env:
         env["SMOLVM_ENVFILE"] = env_file_text(env_vars)
-    res = t.exec(ExecRequest(_identity_script(settle, write_env), "raw", 30, env=env))
+    sshd_running = snap is None or snap.meta.get("sshd") != "stopped"
+    res = t.exec(ExecRequest(_identity_script(settle, write_env, sshd_running), "raw", 30, env=env))
     if not res.ok:
         raise SnapshotError(f"VM {vm_id}: setting the clone's identity failed "
                             f"(exit {res.exit_code}): {res.stderr.strip()[-300:]}")
@@ -781,8 +793,13 @@ def _build_image_snapshot(mgr: SmolVMManager, config: VMConfig, ref: str, final:
         mgr.start(info.vm_id, boot_timeout=boot_timeout)
         t = mgr.transport(info.vm_id, "agent")
         try:
-            # Warm the guest page cache for what every first command touches.
+            # Warm the guest page cache for what every first command touches, and stop the
+            # SSH server: clones start their own with their own key (no foreground kill).
             t.exec(ExecRequest("true", "login", 30))
+            res = t.exec(ExecRequest(_KILL_SSHD + "for p in $old; do while kill -0 $p 2>/dev/null; "
+                                     "do usleep 2000; done; done; true", "raw", 30))
+            if not res.ok:
+                raise SnapshotError(f"stopping the template's SSH server failed: {res.stderr.strip()}")
         finally:
             t.close()  # the agent must be idle, between host sessions, when frozen
         time.sleep(0.05)
@@ -791,7 +808,7 @@ def _build_image_snapshot(mgr: SmolVMManager, config: VMConfig, ref: str, final:
         meta = _save(mgr, row, tmp)
         if meta["memory"] != "file":
             log.info("image snapshot %s keeps RAM in its state stream (no shared memory)", ref)
-        meta.update(complete=True, name=ref, config=config.model_dump(mode="json"),
+        meta.update(complete=True, name=ref, config=config.model_dump(mode="json"), sshd="stopped",
                     build_seconds=round(time.monotonic() - t0, 2))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         os.replace(tmp, final)
