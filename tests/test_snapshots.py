@@ -299,3 +299,22 @@ def test_restore_with_port_forward_and_stop_start(vms) -> None:
         vm.start()
         assert vm.run("cat /root/p").output == "persisted"
         assert vm.run("hostname").output == vm.vm_id
+
+
+@pytest.mark.e2e
+def test_clones_of_one_snapshot_get_different_random_bytes(vms) -> None:
+    """The kernel CRNG reseeds from its input pool only every few seconds (60 s once up
+    for a while): without a forced reseed on restore, clones taken right after a reseed
+    return the very same /dev/urandom bytes."""
+    with vms.sandbox() as src:
+        time.sleep(8)  # uptime ~12 s: reseed interval ~6 s (guest time)
+        src.run("head -c 16 /dev/urandom >/dev/null", shell="raw")
+        src.snapshot("rng")
+    outs = []
+    for _ in range(2):
+        c = SmolVM.from_snapshot("rng", data_dir=vms.data_dir)
+        vms.vm_ids.append(c.vm_id)
+        with c:
+            outs.append(c.run("head -c 16 /dev/urandom | od -An -tx1", shell="raw").output)
+    assert outs[0] != outs[1], "two clones produced the same random bytes"
+    vms.manager.delete_snapshot("rng")

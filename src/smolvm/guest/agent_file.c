@@ -15,6 +15,7 @@ struct file g_files[MAX_FILES];
 
 /* <linux/random.h> is not in musl's include path: _IOW('R', 0x03, int[2]). */
 #define RNDADDENTROPY 0x40085203
+#define RNDRESEEDCRNG 0x5207 /* _IO('R', 0x07), Linux >= 4.17 */
 #define ENTROPY_MAX 4096
 
 static int copy_path(char *dst, const unsigned char *p, size_t n)
@@ -284,6 +285,11 @@ void op_add_entropy(struct chan *ch, uint32_t sid, const unsigned char *p, size_
     int fd = open("/dev/random", O_WRONLY | O_CLOEXEC);
     int rc = fd < 0 ? -1 : ioctl(fd, RNDADDENTROPY, &rpi);
     int e = errno;
+    /* Mixing alone does not reach the output: the CRNG reseeds from the input pool only
+       every 60 s, so clones restored from one snapshot would keep producing identical
+       /dev/urandom bytes until then. Force the reseed now (best effort: old kernels). */
+    if (rc == 0)
+        (void)ioctl(fd, RNDRESEEDCRNG);
     if (fd >= 0)
         close(fd);
     memset(rpi.buf, 0, n);
