@@ -277,6 +277,7 @@ class WarmPool:
         return None
 
     def _hand_out(self, mgr: SmolVMManager, vm_id: str, env_vars: dict[str, str] | None) -> VMInfo:
+        from smolvm.backends.base import agent_sockets
         from smolvm.transports.agent import AgentTransport
 
         row = mgr.state.get_vm(vm_id)
@@ -289,7 +290,7 @@ class WarmPool:
             upd["config"] = cfg
         mgr.state.update_vm(vm_id, **upd)
         _renice(row["pid"], 0)
-        t = AgentTransport(spec.agent_socket, connect_timeout=10.0)
+        t = AgentTransport(agent_sockets(spec), connect_timeout=10.0)
         try:
             t.sync_time()
             t.add_entropy(os.urandom(64))

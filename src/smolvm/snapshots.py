@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smolvm.backends.base import LaunchSpec, MemorySpec
+from smolvm.backends.base import LaunchSpec, MemorySpec, agent_sockets, socket_files
 from smolvm.exceptions import (
     InvalidStateError,
     SmolVMError,
@@ -71,7 +71,7 @@ IMAGE_REF_PREFIX = "image:"
 SHM_DIR = Path("/dev/shm")
 _SHM_NAME = re.compile(r"/smolvm-[A-Za-z0-9_-]+\.mem( \(deleted\))?$")
 #: Launch fields a restore must reproduce exactly (QEMU refuses or the guest breaks otherwise).
-_LAUNCH_KEYS = ("kernel", "initrd", "boot_args", "mem_mib", "vcpus", "net_mode", "accel")
+_LAUNCH_KEYS = ("kernel", "initrd", "boot_args", "mem_mib", "vcpus", "net_mode", "accel", "agent_ports")
 GUEST_HOST_KEY = "/etc/dropbear/dropbear_ed25519_host_key"
 #: Seconds an image-snapshot build failure is remembered (no retry on every SmolVM()).
 _FAILURE_TTL = 600.0
@@ -287,7 +287,7 @@ def _backing_of(path: Path) -> str | None:
 def _launch_facts(spec: LaunchSpec, net: NetworkInfo) -> dict[str, Any]:
     return {"kernel": str(spec.kernel), "initrd": str(spec.initrd) if spec.initrd else None,
             "boot_args": spec.boot_args, "mem_mib": spec.mem_mib, "vcpus": spec.vcpus,
-            "net_mode": net.mode, "accel": spec.accel}
+            "net_mode": net.mode, "accel": spec.accel, "agent_ports": spec.agent_ports}
 
 
 def _image_key(config: VMConfig) -> str | None:
@@ -513,7 +513,7 @@ def _fail(mgr: SmolVMManager, vm_id: str, exc: BaseException) -> None:
         mgr.state.remove_resource("process", r["value"])
     mgr.state.update_vm(vm_id, status=VMState.ERROR.value, pid=None, error=f"restore failed: {exc}")
     spec = mgr.spec(row)
-    for s in (spec.control_socket, spec.agent_socket):
+    for s in socket_files(spec):
         s.unlink(missing_ok=True)
 
 
@@ -547,7 +547,7 @@ def _write_config_disk(mgr: SmolVMManager, row: dict[str, Any], spec: LaunchSpec
 def _agent(spec: LaunchSpec, timeout: float) -> AgentTransport:
     from smolvm.transports.agent import AgentTransport
 
-    return AgentTransport(spec.agent_socket, connect_timeout=timeout)
+    return AgentTransport(agent_sockets(spec), connect_timeout=timeout)
 
 
 # ---------------------------------------------------------------------------- identity

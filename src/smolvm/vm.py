@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from smolvm.backends import LaunchSpec, get_backend, resolve_backend
-from smolvm.backends.base import DiskSpec, NetSpec
+from smolvm.backends.base import (AGENT_PORTS, DiskSpec, NetSpec, agent_lock_path, agent_sockets,
+                                  socket_files)
 from smolvm.exceptions import (
     BackendError,
     CommandExecutionUnavailableError,
@@ -153,6 +154,7 @@ class SmolVMManager:
             agent_socket=self.socket_dir / f"smolvm-{vm_id}.agent.sock",
             control_socket=self.socket_dir / f"smolvm-{vm_id}.ctl.sock",
             net=netspec, accel=row.get("accelerator") or "tcg",
+            agent_ports=1 if row["backend"] == "firecracker" else AGENT_PORTS,
         )
 
     # ------------------------------------------------------------------ create
@@ -270,7 +272,7 @@ class SmolVMManager:
     def _launch_and_wait(self, row: dict[str, Any], spec: LaunchSpec, boot_timeout: float) -> VMInfo:
         vm_id = row["vm_id"]
         backend = self.backend_for(row["backend"])
-        for s in (spec.control_socket, spec.agent_socket):
+        for s in (spec.control_socket, *agent_sockets(spec)):
             self.state.add_resource(vm_id, "socket", str(s))
         offset = spec.serial_log.stat().st_size if spec.serial_log.exists() else 0
         self.state.update_vm(vm_id, error=None)
@@ -352,7 +354,7 @@ class SmolVMManager:
             procs.wait_gone(pid, 5.0, token)
         for r in self.state.resources(vm_id, "process"):
             self.state.remove_resource("process", r["value"])
-        for s in (spec.control_socket, spec.agent_socket):
+        for s in socket_files(spec):
             s.unlink(missing_ok=True)
 
     @staticmethod
@@ -389,6 +391,8 @@ class SmolVMManager:
             procs.wait_gone(pid, 5.0, value)
         elif kind in ("socket", "file"):
             Path(value).unlink(missing_ok=True)
+            if kind == "socket":
+                agent_lock_path(Path(value)).unlink(missing_ok=True)  # agent ports' lock files
         elif kind == "disk":
             if keep_disk:
                 return
@@ -420,8 +424,9 @@ class SmolVMManager:
                 self.state.update_vm(row["vm_id"], status=VMState.ERROR.value, pid=None,
                                      error="VM process is gone (found by reconcile)")
                 spec = self.spec(row)
-                for s in (spec.control_socket, spec.agent_socket):
+                for s in socket_files(spec):
                     s.unlink(missing_ok=True)
+                for s in (spec.control_socket, *agent_sockets(spec)):
                     self.state.remove_resource("socket", str(s))
                 if token:
                     self.state.remove_resource("process", token)
@@ -447,7 +452,7 @@ class SmolVMManager:
             from smolvm.transports.agent import AgentTransport
 
             vsock = 52 if row["backend"] == "firecracker" else None
-            return AgentTransport(spec.agent_socket, vsock_port=vsock)
+            return AgentTransport(agent_sockets(spec), vsock_port=vsock)
         if channel != "ssh":
             raise ValidationError(f"comm_channel must be auto, agent or ssh, got {channel!r}",
                                   field="comm_channel")

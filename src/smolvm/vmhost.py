@@ -58,9 +58,10 @@ class HostManager:
         """Ask the guest's PID 1 to power off: agent first, then the VMM's own request."""
         if spec.agent_socket.exists():
             try:
+                from smolvm.backends.base import agent_sockets
                 from smolvm.transports.agent import AgentTransport
 
-                t = AgentTransport(spec.agent_socket, connect_timeout=1.0)
+                t = AgentTransport(agent_sockets(spec), connect_timeout=1.0)
                 try:
                     t.shutdown()
                     return

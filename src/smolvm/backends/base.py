@@ -48,6 +48,12 @@ class MemorySpec:
     unlink: bool = False
 
 
+#: Guest-agent ports of a QEMU VM. QEMU's chardev socket serves one host client at a time,
+#: so each process that holds a command channel to a VM takes one port (see
+#: :func:`agent_sockets`); this many processes can talk to one VM at once.
+AGENT_PORTS = 4
+
+
 @dataclass
 class LaunchSpec:
     """Everything needed to start one VM. Paths are absolute."""
@@ -62,7 +68,8 @@ class LaunchSpec:
     mem_mib: int
     #: Guest serial console is appended to this file.
     serial_log: Path
-    #: Host end of the guest-agent channel (virtio-serial chardev or Firecracker vsock UDS).
+    #: Host end of the guest-agent channel (virtio-serial chardev or Firecracker vsock UDS);
+    #: port 0 when there are several (:func:`agent_sockets`).
     agent_socket: Path
     #: Control socket (QMP for QEMU, API socket for Firecracker).
     control_socket: Path
@@ -79,6 +86,29 @@ class LaunchSpec:
     nice: int = 0
     #: Backend process stdout/stderr go here.
     process_log: Path | None = None
+    #: Virtio-serial agent ports (QEMU; Firecracker's vsock UDS takes many clients: 1).
+    agent_ports: int = AGENT_PORTS
+
+
+def agent_sockets(spec: LaunchSpec) -> list[Path]:
+    """Host sockets of the VM's agent ports: ``agent_socket`` (port 0, guest name
+    ``smolvm.agent``) then ``<stem>1<suffix>`` ... (``smolvm.agent.1`` ...), e.g.
+    ``smolvm-<id>.agent.sock``, ``smolvm-<id>.agent1.sock``."""
+    p = Path(spec.agent_socket)
+    return [p] + [p.with_name(f"{p.stem}{i}{p.suffix}") for i in range(1, max(spec.agent_ports, 1))]
+
+
+def agent_lock_path(sock: Path) -> Path:
+    """The lock file of one agent port (``<socket>.lock``): a process holds ``flock`` on it
+    for as long as it is connected to that port. Removed with the sockets."""
+    return sock.with_name(sock.name + ".lock")
+
+
+def socket_files(spec: LaunchSpec) -> list[Path]:
+    """Every file the VM has in the socket directory: control and agent sockets and the
+    agent ports' lock files (what stop/delete/reconcile unlink)."""
+    agents = agent_sockets(spec)
+    return [spec.control_socket, *agents, *(agent_lock_path(s) for s in agents)]
 
 
 class Backend(abc.ABC):

@@ -16,7 +16,7 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from smolvm.backends.base import Backend, LaunchSpec
+from smolvm.backends.base import Backend, LaunchSpec, agent_sockets
 from smolvm.exceptions import BackendError, OperationTimeoutError
 
 QEMU_BIN = "qemu-system-x86_64"
@@ -70,6 +70,18 @@ def qmp(path: Path, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
         return q.execute(cmd, **args)
 
 
+def _agent_ports(spec: LaunchSpec) -> list[str]:
+    """One virtio-serial port + chardev socket server per agent port. Port 0 keeps the name
+    ``smolvm.agent`` (agents of older images serve only that one), the others are
+    ``smolvm.agent.<i>``. A snapshot's restore repeats them (same spec, same argv)."""
+    a: list[str] = []
+    for i, sock in enumerate(agent_sockets(spec)):
+        name = "smolvm.agent" if i == 0 else f"smolvm.agent.{i}"
+        a += ["-chardev", f"socket,id=agent{i},path={sock},server=on,wait=off",
+              "-device", f"virtserialport,bus=vs0.0,chardev=agent{i},name={name}"]
+    return a
+
+
 class QemuBackend(Backend):
     name = "qemu"
 
@@ -116,8 +128,7 @@ class QemuBackend(Backend):
             "-serial", "chardev:ser0", "-monitor", "none",
             "-qmp", f"unix:{spec.control_socket},server=on,wait=off",
             "-device", "virtio-serial-device,id=vs0",
-            "-chardev", f"socket,id=agent0,path={spec.agent_socket},server=on,wait=off",
-            "-device", "virtserialport,bus=vs0.0,chardev=agent0,name=smolvm.agent",
+            *_agent_ports(spec),
             "-pidfile", str(spec.vm_dir / "qemu.pid"), "-daemonize",
         ]
         if spec.initrd:
@@ -141,7 +152,7 @@ class QemuBackend(Backend):
     def launch(self, spec: LaunchSpec) -> int:
         pidfile = spec.vm_dir / "qemu.pid"
         pidfile.unlink(missing_ok=True)
-        for sock in (spec.control_socket, spec.agent_socket):
+        for sock in (spec.control_socket, *agent_sockets(spec)):
             sock.unlink(missing_ok=True)
         argv = self.argv(spec)
         (spec.vm_dir / "qemu.argv").write_text(json.dumps(argv))

@@ -1,8 +1,10 @@
 /* SmolVM guest agent: a static, single-threaded poll() loop serving the command channel.
  *
- * Channels: the virtio-serial port named "smolvm.agent" (a byte stream that outlives host
- * connections), AF_VSOCK port 52 (one session per connection) and, for host tests,
- * --listen-unix PATH / --stream-fd N. Frames are described in agent.h.
+ * Channels: every virtio-serial port named "smolvm.agent", "smolvm.agent.<N>" or "agent"
+ * (each a byte stream that outlives host connections; QEMU's chardev serves one host
+ * client per port, so the host exposes several and each process takes a free one),
+ * AF_VSOCK port 52 (one session per connection) and, for host tests, --listen-unix PATH /
+ * --stream-fd N. Every channel has its own sessions. Frames are described in agent.h.
  *
  * Sessions: a host starts each connection with SYNC_MAGIC + HELLO. On a persistent stream
  * a HELLO (or the host hanging up) ends the previous session: its running commands are
@@ -53,7 +55,9 @@ struct sockaddr_vm_ {
 int g_pid1, g_dry_time, g_shutdown;
 static int g_sigfd = -1, g_unix_fd = -1, g_vsock_fd = -1;
 static const char *g_unix_path;
-static struct chan *g_vport;
+#define MAX_VPORTS 8
+static struct { struct chan *ch; char dev[72]; } g_vports[MAX_VPORTS];
+static int g_nvports;
 static const char *g_port_name;
 static int g_guest, g_vsock_port = 52, g_ready_port = -1, g_ready_done;
 static int64_t g_start, g_next_scan, g_next_check;
@@ -149,17 +153,34 @@ static int listen_vsock(unsigned port)
     return fd;
 }
 
-/* /sys/class/virtio-ports/vportNpM/name == port name  ->  open /dev/vportNpM. */
-static int open_vport(void)
+static int port_wanted(const char *name)
+{
+    if (g_port_name)
+        return !strcmp(name, g_port_name);
+    return !strcmp(name, "smolvm.agent") || !strncmp(name, "smolvm.agent.", 13) ||
+           !strcmp(name, "agent");
+}
+
+static int vport_known(const char *dev)
+{
+    for (int i = 0; i < g_nvports; i++)
+        if (!strcmp(g_vports[i].dev, dev))
+            return 1;
+    return 0;
+}
+
+/* Open every agent port not open yet: /sys/class/virtio-ports/vportNpM/name is the port's
+ * name, /dev/vportNpM its device. */
+static void scan_vports(void)
 {
     char p[300], name[128];
-    int fd = -1;
     DIR *d = opendir("/sys/class/virtio-ports");
     if (!d)
-        return -1;
+        return;
     struct dirent *e;
-    while (fd < 0 && (e = readdir(d))) {
-        if (e->d_name[0] == '.' || strlen(e->d_name) > 64)
+    while (g_nvports < MAX_VPORTS && (e = readdir(d))) {
+        if (e->d_name[0] == '.' || strlen(e->d_name) >= sizeof g_vports[0].dev ||
+            vport_known(e->d_name))
             continue;
         snprintf(p, sizeof p, "/sys/class/virtio-ports/%s/name", e->d_name);
         int nf = open(p, O_RDONLY | O_CLOEXEC);
@@ -171,18 +192,26 @@ static int open_vport(void)
             continue;
         name[r] = 0;
         name[strcspn(name, "\n")] = 0;
-        if (g_port_name ? strcmp(name, g_port_name)
-                        : strcmp(name, "smolvm.agent") && strcmp(name, "agent"))
+        if (!port_wanted(name))
             continue;
         snprintf(p, sizeof p, "/dev/%s", e->d_name);
-        fd = open(p, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+        int fd = open(p, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+        if (fd < 0)
+            continue; /* device node not there yet: the next scan retries */
+        struct chan *ch = chan_open(fd, CH_PERSIST, 1);
+        if (!ch) {
+            close(fd);
+            break;
+        }
+        g_vports[g_nvports].ch = ch;
+        strcpy(g_vports[g_nvports++].dev, e->d_name);
     }
     closedir(d);
-    return fd;
 }
 
 /* The host closed the port: it sends SIGIO on reconnect (O_ASYNC); poll would spin on
- * POLLHUP, so the port leaves the poll set until then (plus a slow timer as a fallback). */
+ * POLLHUP, so the port leaves the poll set until then. A check 100 ms later covers a
+ * reconnect that raced with arming O_ASYNC; a slow timer is the fallback after that. */
 static void vport_hangup(struct chan *ch)
 {
     if (ch->disconnected)
@@ -194,13 +223,24 @@ static void vport_hangup(struct chan *ch)
     g_next_check = now_ms() + 100;
 }
 
-static void vport_check(struct chan *ch)
+static int vports_down(void)
 {
-    struct pollfd p = {.fd = ch->fd, .events = POLLIN};
-    g_next_check = now_ms() + 100;
-    if (poll(&p, 1, 0) >= 0 && !(p.revents & POLLHUP)) {
-        ch->disconnected = 0;
-        fcntl(ch->fd, F_SETFL, O_RDWR | O_NONBLOCK); /* SIGIO per frame would cost latency */
+    for (int i = 0; i < g_nvports; i++)
+        if (g_vports[i].ch->disconnected)
+            return 1;
+    return 0;
+}
+
+static void vports_check(void)
+{
+    g_next_check = now_ms() + 1000;
+    for (int i = 0; i < g_nvports; i++) {
+        struct chan *ch = g_vports[i].ch;
+        struct pollfd p = {.fd = ch->fd, .events = POLLIN};
+        if (ch->disconnected && poll(&p, 1, 0) >= 0 && !(p.revents & POLLHUP)) {
+            ch->disconnected = 0;
+            fcntl(ch->fd, F_SETFL, O_RDWR | O_NONBLOCK); /* SIGIO per frame costs latency */
+        }
     }
 }
 
@@ -229,7 +269,7 @@ static int port_listening(int port)
 
 static void ready_check(int64_t now)
 {
-    int have = g_vport || g_vsock_fd >= 0 || g_unix_fd >= 0;
+    int have = g_nvports || g_vsock_fd >= 0 || g_unix_fd >= 0;
     for (int i = 0; i < MAX_CHANS && !have; i++)
         have = g_chans[i].in_use;
     if (!have && now < g_start + 5000)
@@ -299,8 +339,8 @@ static void on_sigfd(void)
             proc_reap();
         else if (si.ssi_signo == SIGTERM || si.ssi_signo == SIGINT)
             g_shutdown = 1;
-        else if (si.ssi_signo == SIGIO && g_vport && g_vport->disconnected)
-            vport_check(g_vport);
+        else if (si.ssi_signo == SIGIO)
+            vports_check();
     }
 }
 
@@ -373,10 +413,10 @@ static void serve(void)
         int64_t now = now_ms(), dl = proc_next_deadline();
         int timeout = dl ? (dl > now ? (int)(dl - now) : 0) : -1;
 #define CAP_TIMEOUT(ms) (timeout = (timeout < 0 || timeout > (ms)) ? (ms) : timeout)
-        if (g_vport && g_vport->disconnected)
-            CAP_TIMEOUT(100);
-        if (!g_vport && g_guest && now < g_start + 60000)
-            CAP_TIMEOUT(100);
+        if (vports_down())
+            CAP_TIMEOUT(g_next_check > now ? (int)(g_next_check - now) : 0);
+        if (g_guest && now < g_start + (g_nvports ? 2000 : 60000))
+            CAP_TIMEOUT(100); /* ports may appear after the agent starts */
         if (!g_ready_done)
             CAP_TIMEOUT(20);
         if (poll(pfd, (nfds_t)n, timeout) < 0 && errno != EINTR) {
@@ -452,13 +492,11 @@ static void serve(void)
                     chan_gone(ch);
             }
         }
-        if (g_vport && g_vport->disconnected && now >= g_next_check)
-            vport_check(g_vport);
-        if (!g_vport && g_guest && now >= g_next_scan) {
-            int fd = open_vport();
+        if (vports_down() && now >= g_next_check)
+            vports_check();
+        if (g_guest && now >= g_next_scan && (!g_nvports || now < g_start + 2000)) {
+            scan_vports();
             g_next_scan = now + 100;
-            if (fd >= 0 && !(g_vport = chan_open(fd, CH_PERSIST, 1)))
-                close(fd);
         }
         if (!g_ready_done)
             ready_check(now);
@@ -526,9 +564,7 @@ int main(int argc, char **argv)
         chan_open(stream_fd, CH_PERSIST, 0);
     }
     if (g_guest) {
-        int fd = open_vport();
-        if (fd >= 0 && !(g_vport = chan_open(fd, CH_PERSIST, 1)))
-            close(fd);
+        scan_vports();
         g_next_scan = g_start + 100;
         if (g_vsock_port > 0)
             g_vsock_fd = listen_vsock((unsigned)g_vsock_port);

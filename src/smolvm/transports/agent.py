@@ -9,10 +9,18 @@ Sessions: every connection starts with ``SYNC_MAGIC`` + HELLO(nonce). The guest 
 virtio-serial port outlives host connections, so the agent treats HELLO as "new host":
 commands the previous connection left running are killed. Background processes started
 by a command (``server &`` with its output redirected) are not affected.
+
+Ports: QEMU's chardev socket serves one host client at a time, so a QEMU VM has several
+agent ports (``backends.base.agent_sockets``). A transport takes the first free one: it
+holds a non-blocking ``flock`` on the port's ``<socket>.lock`` for as long as its
+connection is open (a crashed process releases it), so no other process's HELLO ever
+ends its session. Firecracker's vsock UDS accepts any number of clients: no locking.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import math
 import os
 import socket
@@ -20,7 +28,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from smolvm.exceptions import (
@@ -57,6 +65,7 @@ from smolvm.transports.agent_proto import (
     _Stream,
     handshake,
 )
+from smolvm.backends.base import AGENT_PORTS, agent_lock_path
 from smolvm.transports.base import GUEST_SHELL, ExecRequest, OutputCallback, ProcessHandle, Transport
 from smolvm.types import CommandResult
 
@@ -109,6 +118,11 @@ def _abandon(conn: _Conn, sid: int) -> None:
         pass  # connection gone: the agent already ended the session's commands
 
 
+def _close_fd(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
 def _result(s: _ExecStream, req: ExecRequest, duration: float) -> CommandResult:
     if s.error is not None:
         raise s.error
@@ -131,40 +145,115 @@ class AgentTransport(Transport):
 
     Args:
         socket_path: host UNIX socket: QEMU's virtio-serial chardev, or Firecracker's vsock
-            UDS (then give ``vsock_port``).
-        connect_timeout: seconds to connect and get the agent's HELLO.
+            UDS (then give ``vsock_port``); or a list of them, the VM's agent ports
+            (``backends.base.agent_sockets``): the first free one is used.
+        connect_timeout: seconds to connect and get the agent's HELLO (including waiting
+            for a free port while other processes hold all of them).
         shell_path: shell that runs commands (``argv[0]``); the guest's busybox by default.
         vsock_port: Firecracker only: send ``CONNECT <port>`` first (the agent uses 52).
         op_timeout: seconds of silence after which a file transfer or control op fails.
+        exclusive: take a port's lock file before connecting (default: unless
+            ``vsock_port``; a socket that accepts many clients needs none).
 
-    ``close()`` releases the connection; a later call reconnects.
+    ``close()`` releases the connection (and its port); a later call reconnects.
     """
 
     name = "agent"
 
     def __init__(
         self,
-        socket_path: Path,
+        socket_path: Path | str | Sequence[Path | str],
         *,
         connect_timeout: float = 10.0,
         shell_path: str = GUEST_SHELL,
         vsock_port: int | None = None,
         op_timeout: float = 60.0,
+        exclusive: bool | None = None,
     ) -> None:
-        self.socket_path = Path(socket_path)
+        if isinstance(socket_path, (str, os.PathLike)):
+            self.socket_paths = [Path(socket_path)]
+        else:
+            self.socket_paths = [Path(p) for p in socket_path]
+        if not self.socket_paths:
+            raise ValidationError("AgentTransport needs at least one socket path", field="socket_path")
+        #: Port 0 (the only one for a single path).
+        self.socket_path = self.socket_paths[0]
         self.connect_timeout = connect_timeout
         self.shell_path = shell_path
         self.vsock_port = vsock_port
         self.op_timeout = op_timeout
+        self.exclusive = vsock_port is None if exclusive is None else exclusive
         self._conn: _Conn | None = None
+        self._port_lock: int | None = None  # fd holding flock on the connected port's lock file
+        #: The socket of the current (or last) connection.
+        self.connected_path: Path | None = None
         self._lock = threading.Lock()
 
     # -- connection -----------------------------------------------------------------------
     def _get_conn(self, timeout: float | None = None) -> _Conn:
         with self._lock:
             if self._conn is None or self._conn.dead is not None:
+                if self._conn is not None:
+                    self._conn.sock.close()
+                    self._conn = None
+                self._release_port()
                 self._conn = self._connect(self.connect_timeout if timeout is None else timeout)
             return self._conn
+
+    def _release_port(self) -> None:
+        fd, self._port_lock = self._port_lock, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+    def _try_lock(self, sock: Path) -> tuple[bool, int | None]:
+        """Lock ``sock``'s port: (True, fd) when taken, (False, None) when another process
+        holds it, (True, None) when no lock file can be made (e.g. read-only directory)."""
+        path = agent_lock_path(sock)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    return True, None
+                raise
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False, None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return True, fd
+            os.close(fd)  # unlinked (VM stopped/restarted) between open and flock: retry
+        return False, None
+
+    def _pick_port(self, deadline: float, timeout: float) -> tuple[Path, int | None]:
+        """The first socket whose port is free (its lock taken), waiting until ``deadline``."""
+        while True:
+            present = [p for p in self.socket_paths if p.exists()]
+            if not present:
+                raise self._unavailable("the socket does not exist (VM not started or already stopped)")
+            if not self.exclusive:
+                return present[0], None
+            for p in present:
+                took, fd = self._try_lock(p)
+                if took:
+                    return p, fd
+            if time.monotonic() >= deadline:
+                raise CommandExecutionUnavailableError(
+                    f"all {len(present)} guest-agent channels of {self.socket_path} are held by other "
+                    f"processes (waited {timeout:g} s for one to close)",
+                    remediation=f"at most {len(present)} processes can hold a command channel to one VM "
+                    "at once; close other SmolVM handles or use comm_channel='ssh'"
+                    + ("" if len(present) > 1 else f" (VMs started by this SmolVM version have {AGENT_PORTS})"),
+                )
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0.001)))
 
     def _unavailable(self, why: str) -> CommandExecutionUnavailableError:
         return CommandExecutionUnavailableError(
@@ -175,12 +264,13 @@ class AgentTransport(Transport):
 
     def _connect(self, timeout: float) -> _Conn:
         deadline = time.monotonic() + timeout
-        if not self.socket_path.exists():
-            raise self._unavailable("the socket does not exist (VM not started or already stopped)")
+        path, lock_fd = self._pick_port(deadline, timeout)
+        # Time spent waiting for a free port does not starve the handshake.
+        deadline = max(deadline, time.monotonic() + min(timeout, 2.0))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.settimeout(max(timeout, 0.01))
-            sock.connect(str(self.socket_path))
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            sock.connect(str(path))
             pending = b""
             if self.vsock_port is not None:
                 pending = self._vsock_connect(sock, deadline)
@@ -188,16 +278,21 @@ class AgentTransport(Transport):
             sock.settimeout(None)
         except (TimeoutError, socket.timeout):
             sock.close()
+            _close_fd(lock_fd)
             raise self._unavailable(
-                f"no HELLO from the agent within {timeout:g} s (guest still booting, no agent in "
-                "the image, or another process holds the channel: QEMU serves one client at a time)"
+                f"no HELLO from the agent on {path.name} within {timeout:g} s (guest still booting, no "
+                "agent in the image, or a process without the port lock holds the channel: QEMU serves "
+                "one client per port)"
             ) from None
         except OSError as exc:
             sock.close()
+            _close_fd(lock_fd)
             raise self._unavailable(str(exc)) from None
         except BaseException:
             sock.close()
+            _close_fd(lock_fd)
             raise
+        self._port_lock, self.connected_path = lock_fd, path
         return _Conn(sock, pending)
 
     def _vsock_connect(self, sock: socket.socket, deadline: float) -> bytes:
@@ -232,14 +327,17 @@ class AgentTransport(Transport):
                 time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
 
     def close(self) -> None:
-        """Close the connection (idempotent). Pending calls fail with ``TransportError``."""
+        """Close the connection and free its port (idempotent). Pending calls fail with
+        ``TransportError``."""
         with self._lock:
             conn, self._conn = self._conn, None
+            lock_fd, self._port_lock = self._port_lock, None
         if conn is not None:
             conn.kill(TransportError("agent transport closed"))
             conn.sock.close()
-            if conn.reader is not threading.current_thread():
-                conn.reader.join(timeout=5)
+        _close_fd(lock_fd)  # after the socket: the next holder finds the port closed
+        if conn is not None and conn.reader is not threading.current_thread():
+            conn.reader.join(timeout=5)
 
     # -- commands -------------------------------------------------------------------------
     def _start(self, req: ExecRequest, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None):
