@@ -73,7 +73,10 @@ def guest(default_image, tmp_path_factory):
             "-kernel", str(default_image.kernel), "-initrd", str(initrd), "-append", append,
             "-device", "virtio-serial-device,id=vs0",
             "-chardev", f"socket,id=ch0,path={sock},server=on,wait=off",
-            "-device", "virtserialport,bus=vs0.0,chardev=ch0,name=smolvm.agent"]
+            "-device", "virtserialport,bus=vs0.0,chardev=ch0,name=smolvm.agent",
+            # A second agent port (SmolVM's QEMU VMs have four): an independent channel.
+            "-chardev", f"socket,id=ch1,path={sock.with_name('agent1.sock')},server=on,wait=off",
+            "-device", "virtserialport,bus=vs0.0,chardev=ch1,name=smolvm.agent.1"]
     with open(log, "wb") as out:
         qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -153,6 +156,34 @@ def test_guest_new_host_ends_old_session(guest):
         assert "sleep 301" not in t2.exec(ExecRequest("ps", shell="raw")).stdout
     finally:
         t2.close()
+
+
+def test_guest_ports_are_independent_channels(guest):
+    """A HELLO on one port ends only that port's previous session."""
+    _, sock = guest
+    sock1 = sock.with_name("agent1.sock")
+    t0 = _t(sock)
+    try:
+        h = t0.spawn(ExecRequest("exec sleep 302", timeout=None))
+        for _ in range(3):  # new hosts on the other port, one after the other
+            t1 = _t(sock1)
+            try:
+                assert t1.exec(ExecRequest("echo port1")).stdout == "port1\n"
+                h1 = t1.spawn(ExecRequest("exec sleep 303", timeout=None))
+            finally:
+                t1.close()
+        assert h.is_running()
+        ps = t0.exec(ExecRequest("ps", shell="raw")).stdout
+        assert "sleep 302" in ps
+        end = time.monotonic() + 5  # port 1's host hung up: its command ends
+        while "sleep 303" in t0.exec(ExecRequest("ps", shell="raw")).stdout:
+            assert time.monotonic() < end, "the hung-up port's command must be killed"
+            time.sleep(0.1)
+        assert h1.pid not in (None, h.pid)
+        h.kill()
+        assert h.wait(10).exit_code != 0
+    finally:
+        t0.close()
 
 
 def test_guest_idle_without_host_does_not_spin(guest):
