@@ -318,3 +318,45 @@ def test_clones_of_one_snapshot_get_different_random_bytes(vms) -> None:
             outs.append(c.run("head -c 16 /dev/urandom | od -An -tx1", shell="raw").output)
     assert outs[0] != outs[1], "two clones produced the same random bytes"
     vms.manager.delete_snapshot("rng")
+
+
+@pytest.mark.e2e
+def test_broken_image_snapshot_falls_back_to_cold_boot(vms, tmp_path: Path, monkeypatch) -> None:
+    """A boot snapshot that cannot be restored costs one cold boot, not a failure; it is
+    dropped and not retried for a while."""
+    import shutil as sh
+
+    with vms.sandbox() as vm:  # make sure the shared image has its boot snapshot
+        ref = vm.info.snapshot
+    src = Path(os.environ["SMOLVM_IMAGE_DIR"]) / "default"
+    images = tmp_path / "images"
+    (images / "default").mkdir(parents=True)
+    for f in src.iterdir():  # a private copy of the image: hard links, except what we break
+        if f.is_file():
+            os.link(f, images / "default" / f.name)
+    monkeypatch.setenv("SMOLVM_IMAGE_DIR", str(images))
+    data = tmp_path / "d2"
+    with SmolVMManager(data_dir=data) as m:
+        ref2 = image_snapshot_ref(m, m._resolve_image(VMConfig()))  # keyed by the image's path
+    key = ref2.rsplit("/", 1)[1]
+    snap = images / "default" / "snapshots" / key
+    sh.copytree(src / "snapshots" / ref.rsplit("/", 1)[1], snap)
+    (snap / "state").write_bytes(b"not a migration stream")
+    ref = ref2
+    broken = SmolVM(data_dir=data)
+    assert broken.info.snapshot == ref  # chosen, not yet tried
+    vms.vm_ids.append(broken.vm_id)
+    with SmolVMManager(data_dir=data) as mgr:
+        try:
+            with broken:
+                assert broken.info.snapshot is None  # cold-booted after the failed restore
+                assert broken.run("echo ok").output == "ok"
+            assert not snap.exists()
+            assert (snap.parent / f".{key}.failed").exists()
+            later = SmolVM(data_dir=data)
+            assert later.info.snapshot is None  # no retry right away
+            later.delete()
+            later.close()
+        finally:
+            for v in mgr.list_vms():
+                mgr.delete(v.vm_id)

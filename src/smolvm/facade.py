@@ -177,7 +177,21 @@ class SmolVM:
     # ------------------------------------------------------------------ lifecycle
     def start(self, boot_timeout: float = 30.0) -> SmolVM:
         """Boot the VM and wait up to ``boot_timeout`` seconds until it is ready; returns self."""
-        self._info = self._manager.start(self.vm_id, boot_timeout=boot_timeout, keep_channel=True)
+        try:
+            self._info = self._manager.start(self.vm_id, boot_timeout=boot_timeout, keep_channel=True)
+        except SmolVMError as exc:
+            ref = self._info.snapshot or ""
+            if not (self._owned and ref.startswith("image:") and self._info.started_at is None):
+                raise
+            # The image's boot snapshot is broken: drop it and cold-boot this sandbox.
+            from smolvm import snapshots
+
+            log.warning("restoring %s failed (%s); cold boot instead", ref, exc)
+            snapshots.discard_image_snapshot(self._manager, ref, str(exc))
+            config = self._info.config
+            self._manager.delete(self.vm_id)
+            self._info = self._manager.create(VMConfig(**config.model_dump()))
+            self._info = self._manager.start(self.vm_id, boot_timeout=boot_timeout)
         return self
 
     def stop(self, timeout: float = 3.0) -> SmolVM:

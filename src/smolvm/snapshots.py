@@ -713,7 +713,7 @@ def default_snapshot_for(mgr: SmolVMManager, config: VMConfig, *, create: bool =
         return None
     if (_image_ref_dir(mgr, ref) / "meta.json").exists():
         return ref
-    if not create:
+    if not create or _recently_failed(_image_ref_dir(mgr, ref)):
         return None
     try:
         return ensure_image_snapshot(mgr, config)
@@ -738,11 +738,8 @@ def ensure_image_snapshot(mgr: SmolVMManager, config: VMConfig | None = None, *,
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     failed = root / f".{final.name}.failed"
-    try:
-        if time.time() - failed.stat().st_mtime < _FAILURE_TTL:
-            raise SnapshotError(f"building {ref} failed recently ({failed.read_text().strip()[:300]})")
-    except FileNotFoundError:
-        pass
+    if _recently_failed(final):
+        raise SnapshotError(f"{ref} failed recently ({failed.read_text().strip()[:300]})")
     with _flock(root / f".{final.name}.lock"):
         if (final / "meta.json").exists():
             return ref
@@ -757,6 +754,15 @@ def ensure_image_snapshot(mgr: SmolVMManager, config: VMConfig | None = None, *,
     return ref
 
 
+def discard_image_snapshot(mgr: SmolVMManager, ref: str, reason: str) -> None:
+    """A restore of this image snapshot failed: remove it and remember the failure, so the
+    next ``SmolVM()`` cold-boots instead of failing the same way (retried after a while)."""
+    d = _image_ref_dir(mgr, ref)
+    with contextlib.suppress(OSError):
+        (d.parent / f".{d.name}.failed").write_text(f"restore failed: {reason}")
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def _prune_stale(root: Path) -> None:
     """Drop image snapshots an older SmolVM wrote (another format never matches a key)."""
     for d in root.iterdir():
@@ -768,6 +774,13 @@ def _prune_stale(root: Path) -> None:
             continue
         if fmt != SNAPSHOT_FORMAT:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _recently_failed(final: Path) -> bool:
+    try:
+        return time.time() - (final.parent / f".{final.name}.failed").stat().st_mtime < _FAILURE_TTL
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

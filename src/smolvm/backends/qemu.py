@@ -52,7 +52,10 @@ class QMP:
 
     def __exit__(self, *exc: object) -> None:
         if self._qmp is not None:
-            self._qmp.close()
+            try:
+                self._qmp.close()
+            except Exception:  # noqa: BLE001 - QEMU may be gone (e.g. a failed incoming load)
+                pass
             self._qmp = None
 
     def execute(self, cmd: str, **args: Any) -> Any:
