@@ -38,6 +38,16 @@ class SmolVM:
 
     ``SmolVM()`` uses the default image; ``SmolVM(config)`` a custom one. The VM is created
     at construction and booted by :meth:`start` (or on entering a ``with`` block).
+
+    How it comes up, fastest first:
+
+    * ``pool=WarmPool(...)`` (or ``SMOLVM_POOL_SIZE=N`` for the default config): a paused,
+      already-restored VM is handed out at construction (milliseconds).
+    * The config equals the default one: the image's booted-and-ready snapshot is
+      restored (~0.3 s under TCG), with its own disk overlay, clock, RNG and identity.
+    * Otherwise, or with ``cold_boot=True``: a cold boot (~3-4 s under TCG).
+
+    ``SmolVM.from_snapshot(name)`` restores one of your snapshots (:meth:`snapshot`).
     """
 
     def __init__(self, config: VMConfig | None = None, *, mem_size_mib: int | None = None,
