@@ -187,7 +187,7 @@ def test_cross_process_create_list_reconnect_delete(vms):
 def test_boot_timeout_raises_and_leaves_error_state(vms):
     from smolvm import OperationTimeoutError
 
-    vm = vms.sandbox()
+    vm = vms.sandbox(cold_boot=True)
     with pytest.raises(OperationTimeoutError) as ei:
         vm.start(boot_timeout=0.2)
     assert ei.value.message and "boot_timeout" in ei.value.message

@@ -79,3 +79,23 @@ def test_removing_a_port_resource_frees_the_port(tmp_path: Path):
     s.remove_resource("port", str(port))
     assert s.ports("gone") == []
     assert s.reserve_port("new", "ssh", iter([45000])) == 45000
+
+
+def _key(d: str, q) -> None:
+    from smolvm.keys import ensure_client_key
+
+    q.put(ensure_client_key(Path(d))[1])
+
+
+def test_client_key_created_once_under_concurrency(tmp_path: Path):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ps = [ctx.Process(target=_key, args=(str(tmp_path / "keys"), q)) for _ in range(6)]
+    for p in ps:
+        p.start()
+    pubs = {q.get(timeout=60) for _ in ps}
+    for p in ps:
+        p.join()
+    assert len(pubs) == 1
+    assert stat.S_IMODE(os.stat(tmp_path / "keys" / "id_ed25519").st_mode) == 0o600
+    assert (tmp_path / "keys" / "id_ed25519.pub").read_text().strip() == pubs.pop()

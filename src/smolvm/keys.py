@@ -8,7 +8,9 @@ written to a per-VM known_hosts under a ``HostKeyAlias``, so neither paramiko no
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
+import tempfile
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +25,7 @@ def _ssh_string(b: bytes) -> bytes:
 
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600, unique
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
@@ -64,11 +65,18 @@ def ensure_client_key(keys_dir: Path) -> tuple[Path, str]:
     priv = keys_dir / "id_ed25519"
     pub = keys_dir / "id_ed25519.pub"
     if not priv.exists() or not pub.exists():
-        key = Ed25519PrivateKey.generate()
-        _write_private(priv, key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-        line = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-        pub.write_text(line + " smolvm\n")
+        keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Many processes/threads may start VMs at once: exactly one creates the key pair.
+        with open(keys_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not priv.exists() or not pub.exists():
+                key = Ed25519PrivateKey.generate()
+                line = key.public_key().public_bytes(
+                    serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+                _write_private(pub, (line + " smolvm\n").encode())
+                pub.chmod(0o644)
+                _write_private(priv, key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                    serialization.NoEncryption()))
     os.chmod(priv, 0o600)
     return priv, pub.read_text().strip()
