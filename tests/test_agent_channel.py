@@ -217,6 +217,34 @@ def test_firecracker_vsock_connect_preamble(agent, shell, tmp_path):
         srv.close()
 
 
+def test_agent_ports_are_taken_under_a_lock(agent_bin, shell, tmp_path):
+    """Several sockets (QEMU's agent ports): each transport takes the first free one under a
+    flock on <socket>.lock; with all held it waits connect_timeout, then a clear error."""
+    agents = [Agent(agent_bin, tmp_path / "a.sock"), Agent(agent_bin, tmp_path / "a1.sock")]
+    paths = [a.sock for a in agents] + [tmp_path / "a2.sock"]  # a missing port is skipped
+    ts = [AgentTransport(paths, shell_path=shell, connect_timeout=0.5) for _ in range(3)]
+    try:
+        assert run(ts[0], "echo 0").stdout == "0\n" and ts[0].connected_path == paths[0]
+        assert run(ts[1], "echo 1").stdout == "1\n" and ts[1].connected_path == paths[1]
+        assert (tmp_path / "a.sock.lock").stat().st_mode & 0o777 == 0o600
+        t0 = time.monotonic()
+        with pytest.raises(CommandExecutionUnavailableError) as ei:
+            run(ts[2], "echo 2")
+        assert time.monotonic() - t0 >= 0.45
+        assert "at most 2 processes can hold a command channel" in ei.value.remediation
+        ts[0].close()  # frees port 0
+        assert run(ts[2], "echo 2").stdout == "2\n" and ts[2].connected_path == paths[0]
+        with pytest.raises(CommandExecutionUnavailableError):  # a closed transport reconnects
+            run(ts[0], "echo again")                             # only to a free port
+        ts[1].close()
+        assert run(ts[0], "echo again").stdout == "again\n" and ts[0].connected_path == paths[1]
+    finally:
+        for t in ts:
+            t.close()
+        for a in agents:
+            a.stop()
+
+
 def test_wait_ready_before_agent_starts(agent_bin, shell, tmp_path):
     sock = tmp_path / "late.sock"
     tr = AgentTransport(sock, shell_path=shell)

@@ -415,8 +415,8 @@ static void serve(void)
 #define CAP_TIMEOUT(ms) (timeout = (timeout < 0 || timeout > (ms)) ? (ms) : timeout)
         if (vports_down())
             CAP_TIMEOUT(g_next_check > now ? (int)(g_next_check - now) : 0);
-        if (g_guest && now < g_start + (g_nvports ? 2000 : 60000))
-            CAP_TIMEOUT(100); /* ports may appear after the agent starts */
+        if (g_guest && !g_nvports && now < g_start + 60000)
+            CAP_TIMEOUT(100); /* the port may appear after the agent starts */
         if (!g_ready_done)
             CAP_TIMEOUT(20);
         if (poll(pfd, (nfds_t)n, timeout) < 0 && errno != EINTR) {
@@ -494,7 +494,10 @@ static void serve(void)
         }
         if (vports_down() && now >= g_next_check)
             vports_check();
-        if (g_guest && now >= g_next_scan && (!g_nvports || now < g_start + 2000)) {
+        /* More ports may still appear until SMOLVM_READY (virtio_console adds them right
+         * after its probe in stage 1). Not after, unless none was found: a host connects only
+         * after READY, and a scan while a snapshot restores costs its first HELLO ~50 ms. */
+        if (g_guest && now >= g_next_scan && (!g_nvports || !g_ready_done)) {
             scan_vports();
             g_next_scan = now + 100;
         }

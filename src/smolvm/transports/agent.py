@@ -215,7 +215,7 @@ class AgentTransport(Transport):
             except OSError as exc:
                 if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                     return True, None
-                raise
+                raise self._unavailable(f"cannot open the port's lock file {path}: {exc}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -249,8 +249,9 @@ class AgentTransport(Transport):
                 raise CommandExecutionUnavailableError(
                     f"all {len(present)} guest-agent channels of {self.socket_path} are held by other "
                     f"processes (waited {timeout:g} s for one to close)",
-                    remediation=f"at most {len(present)} processes can hold a command channel to one VM "
-                    "at once; close other SmolVM handles or use comm_channel='ssh'"
+                    remediation=f"at most {len(present)} process{'es' if len(present) != 1 else ''} can "
+                    "hold a command channel to one VM at once; close other SmolVM handles or use "
+                    "comm_channel='ssh'"
                     + ("" if len(present) > 1 else f" (VMs started by this SmolVM version have {AGENT_PORTS})"),
                 )
             time.sleep(min(0.05, max(deadline - time.monotonic(), 0.001)))
