@@ -80,7 +80,7 @@ async def one_round(warm: int, idle: float) -> dict:
             "total_s": time.perf_counter() - t0}
 
 
-async def concurrent(n: int, idle: float) -> dict:
+async def concurrent(n: int, idle: float, timeout: float = 420.0) -> dict:
     from quicksand import Sandbox
 
     t0 = time.perf_counter()
@@ -94,7 +94,9 @@ async def concurrent(n: int, idle: float) -> dict:
         firsts.append(time.perf_counter() - t0)
 
     try:
-        results = await asyncio.gather(*(up(b) for b in boxes), return_exceptions=True)
+        # One guest that never comes up must not hold the others' result hostage.
+        results = await asyncio.gather(*(asyncio.wait_for(up(b), timeout) for b in boxes),
+                                       return_exceptions=True)
         errors = [repr(r) for r in results if isinstance(r, BaseException)]
         all_up = time.perf_counter() - t0
         await asyncio.sleep(idle)
@@ -116,11 +118,12 @@ def main() -> int:
     c = sub.add_parser("concurrent")
     c.add_argument("--n", type=int, default=8)
     c.add_argument("--idle", type=float, default=2.0)
+    c.add_argument("--timeout", type=float, default=420.0, help="per sandbox, seconds")
     a = ap.parse_args()
     if a.cmd == "round":
         res = asyncio.run(one_round(a.warm, a.idle))
     else:
-        res = asyncio.run(concurrent(a.n, a.idle))
+        res = asyncio.run(concurrent(a.n, a.idle, a.timeout))
     json.dump(res, sys.stdout)
     print()
     return 0

@@ -98,6 +98,29 @@ def _renice(pid: int | None, value: int) -> None:
             return
 
 
+class _Background:
+    """Run ``fn`` on a thread; ``result()`` re-raises its exception."""
+
+    def __init__(self, fn: Any) -> None:
+        self._exc: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to result()
+            self._exc = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._exc is not None:
+            raise self._exc
+
+
 class WarmPool:
     """Keeps ``size`` paused, restored VMs of one config (or one snapshot) ready.
 
@@ -120,12 +143,15 @@ class WarmPool:
         self.boot_timeout = boot_timeout
         self.manager = SmolVMManager(data_dir=data_dir, socket_dir=socket_dir)
         self.owner = _owner_token()
+        self._default_image = False
         if snapshot is not None:
             snap = get_snapshot(self.manager, snapshot)
             self.config = snap.config
             self.source: str | None = snapshot
         else:
-            self.config = self.manager._resolve_image(config or VMConfig())
+            given = config or VMConfig()
+            self.config = self.manager._resolve_image(given)
+            self._default_image = given.kernel_path is None and given.rootfs_path is None
             self.source = image_snapshot_ref(self.manager, self.config)
             if self.source is None:
                 self.manager.close()
@@ -160,10 +186,15 @@ class WarmPool:
             config = VMConfig()
         if "vm_id" in config.model_fields_set:
             return False
-        try:
-            config = self.manager._resolve_image(config)
-        except SmolVMError:
-            return False
+        if config.kernel_path is None and config.rootfs_path is None and self._default_image:
+            # The pool's own default image (resolving it again hashes the guest sources).
+            config = config.model_copy(update={"kernel_path": self.config.kernel_path,
+                                               "rootfs_path": self.config.rootfs_path})
+        else:
+            try:
+                config = self.manager._resolve_image(config)
+            except SmolVMError:
+                return False
         return self._match_view(config) == self._match_view(self.config)
 
     # ------------------------------------------------------------------ state
@@ -282,21 +313,27 @@ class WarmPool:
 
         row = mgr.state.get_vm(vm_id)
         spec = mgr.spec(row)
-        mgr.backend_for("qemu").resume(spec)
-        upd: dict[str, Any] = {"status": VMState.RUNNING.value}
-        if env_vars:
-            cfg = dict(row["config"])
-            cfg["env_vars"] = dict(env_vars)
-            upd["config"] = cfg
-        mgr.state.update_vm(vm_id, **upd)
         _renice(row["pid"], 0)
         t = AgentTransport(agent_sockets(spec), connect_timeout=10.0)
+        # The agent handshake goes out together with QMP "cont": the guest answers it the
+        # moment it runs again. Then clock and entropy, both in flight at once.
+        hello = _Background(t.ping)
         try:
+            mgr.backend_for("qemu").resume(spec)
+            upd: dict[str, Any] = {"status": VMState.RUNNING.value}
+            if env_vars:
+                cfg = dict(row["config"])
+                cfg["env_vars"] = dict(env_vars)
+                upd["config"] = cfg
+            mgr.state.update_vm(vm_id, **upd)
+            hello.result()
+            entropy = _Background(lambda: t.add_entropy(os.urandom(64)))
             t.sync_time()
-            t.add_entropy(os.urandom(64))
             if env_vars:
                 t.write_file(GUEST_ENV_FILE, env_file_text(env_vars).encode(), 0o644)
+            entropy.result()
         except BaseException:
+            hello.join()
             t.close()
             raise
         mgr._handoff[vm_id] = t

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -69,8 +70,49 @@ class QMP:
 
 
 def qmp(path: Path, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
-    with QMP(path, timeout) as q:
-        return q.execute(cmd, **args)
+    """One QMP command over a plain socket: ~0.4 ms, against ~2-8 ms through qemu.qmp's
+    asyncio client (it matters for pool hand-outs, which are one ``cont``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            sock.connect(str(path))
+            break
+        except OSError as exc:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise BackendError(f"cannot connect to QMP socket {path}: {exc}") from exc
+            time.sleep(0.01)
+    f = None
+    try:
+        f = sock.makefile("rwb")
+
+        def reply() -> dict:
+            while True:
+                line = f.readline()
+                if not line:
+                    raise BackendError(f"QMP {cmd}: QEMU closed the monitor")
+                msg = json.loads(line)
+                if "return" in msg or "error" in msg:
+                    return msg
+
+        f.readline()  # greeting
+        f.write(b'{"execute":"qmp_capabilities"}\n')
+        f.flush()
+        reply()
+        f.write(json.dumps({"execute": cmd, **({"arguments": args} if args else {})}).encode() + b"\n")
+        f.flush()
+        msg = reply()
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"QMP {cmd} failed: {exc!r}") from exc
+    finally:
+        if f is not None:
+            f.close()
+        sock.close()
+    if "error" in msg:
+        raise BackendError(f"QMP {cmd} failed: {msg['error'].get('desc', msg['error'])}")
+    return msg["return"]
 
 
 def _agent_ports(spec: LaunchSpec) -> list[str]:
