@@ -743,6 +743,8 @@ def ensure_image_snapshot(mgr: SmolVMManager, config: VMConfig | None = None, *,
     with _flock(root / f".{final.name}.lock"):
         if (final / "meta.json").exists():
             return ref
+        for debris in root.glob(f".{final.name}.tmp-*"):  # a build that crashed (we hold the lock)
+            shutil.rmtree(debris, ignore_errors=True)
         try:
             _build_image_snapshot(mgr, config, ref, final, boot_timeout)
         except BaseException as exc:
