@@ -193,11 +193,14 @@ class SmolVM:
             ref = self._info.snapshot or ""
             if not (self._owned and ref.startswith("image:") and self._info.started_at is None):
                 raise
-            # The image's boot snapshot is broken: drop it and cold-boot this sandbox.
+            # Cold-boot this sandbox instead. QEMU refusing the state or missing files mean
+            # the boot snapshot is broken: drop it (retried later). A timeout may be load.
             from smolvm import snapshots
+            from smolvm.exceptions import BackendError
 
             log.warning("restoring %s failed (%s); cold boot instead", ref, exc)
-            snapshots.discard_image_snapshot(self._manager, ref, str(exc))
+            if isinstance(exc, (BackendError, SnapshotError)):
+                snapshots.discard_image_snapshot(self._manager, ref, str(exc))
             config = self._info.config
             self._manager.delete(self.vm_id)
             self._info = self._manager.create(VMConfig(**config.model_dump()))
