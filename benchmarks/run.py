@@ -403,8 +403,12 @@ def main() -> int:
                                   o["idle_rss_mib"]["restored"]["VmRSS"].get("median")),
             }
             if "concurrent" in p:
-                res["ratios_peer_over_ours"]["concurrent_all_ready"] = ratio(
-                    p["concurrent"]["all_ready_s"], conc["all_ready_s"])
+                pc = p["concurrent"]
+                # If some peer sandboxes never came up, compare with the last one that did
+                # (the errors are in peer.concurrent.errors).
+                peer_ready = pc["first_command_s"].get("max") if pc["errors"] else pc["all_ready_s"]
+                res["ratios_peer_over_ours"]["concurrent_all_ready"] = ratio(peer_ready, conc["all_ready_s"])
+                res["ratios_peer_over_ours"]["concurrent_peer_failures"] = len(pc["errors"])
         rss_worst = max((o["idle_rss_mib"][k]["VmRSS"].get("median") or 0) for k in ("restored", "pooled"))
         checks = {
             "restore_total_median_s": (o["restore"]["total_s"].get("median"), TARGETS["restore_total_median_s"]),
