@@ -1,7 +1,7 @@
 """SmolVM vs Microsoft quicksand, measured interleaved in one run on this machine.
 
-    .venv/bin/python benchmarks/run.py --quick        # ~5 min
-    .venv/bin/python benchmarks/run.py                # more rounds, ~15 min
+    .venv/bin/python benchmarks/run.py --quick        # 4-10 min (quicksand boots are slow)
+    .venv/bin/python benchmarks/run.py                # 4 rounds, ~10-15 min
     .venv/bin/python benchmarks/run.py --no-peer      # ours only
 
 Operations (ours):
