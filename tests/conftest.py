@@ -18,7 +18,7 @@ IMAGE_DIR.mkdir(parents=True, exist_ok=True)
 
 
 def qemu_pids_for(vm_id: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"-name smolvm-{vm_id} "], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", "--", f"-name smolvm-{vm_id} "], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
 
 
