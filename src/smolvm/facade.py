@@ -88,8 +88,8 @@ class SmolVM:
 
     def _create(self, config: VMConfig, pool: Any, cold_boot: bool) -> VMInfo:
         """A warm-pool VM, else a clone of the image's boot snapshot, else a cold-boot VM."""
+        from smolvm import image_snapshots, snapshots
         from smolvm import pool as pools
-        from smolvm import snapshots
 
         mgr = self._manager
         if not cold_boot:
@@ -99,7 +99,7 @@ class SmolVM:
                 info = p.acquire(mgr, env_vars=config.env_vars or None)
                 if info is not None:
                     return info
-            ref = snapshots.default_snapshot_for(mgr, mgr._resolve_image(config))
+            ref = image_snapshots.default_snapshot_for(mgr, mgr._resolve_image(config))
             if ref is None and use_pool and p.source:
                 try:  # the pool is empty: restore from its snapshot directly
                     ref = snapshots.get_snapshot(mgr, p.source).name
@@ -195,12 +195,12 @@ class SmolVM:
                 raise
             # Cold-boot this sandbox instead. QEMU refusing the state or missing files mean
             # the boot snapshot is broken: drop it (retried later). A timeout may be load.
-            from smolvm import snapshots
+            from smolvm import image_snapshots
             from smolvm.exceptions import BackendError
 
             log.warning("restoring %s failed (%s); cold boot instead", ref, exc)
             if isinstance(exc, (BackendError, SnapshotError)):
-                snapshots.discard_image_snapshot(self._manager, ref, str(exc))
+                image_snapshots.discard_image_snapshot(self._manager, ref, str(exc))
             config = self._info.config
             self._manager.delete(self.vm_id)
             self._info = self._manager.create(VMConfig(**config.model_dump()))

@@ -34,13 +34,8 @@ from typing import Any
 
 from smolvm import procs
 from smolvm.exceptions import SmolVMError, ValidationError
-from smolvm.snapshots import (
-    create_clone,
-    ensure_image_snapshot,
-    get_snapshot,
-    image_snapshot_ref,
-    restore_vm,
-)
+from smolvm.image_snapshots import ensure_image_snapshot, image_snapshot_ref
+from smolvm.snapshots import create_clone, get_snapshot, restore_vm
 from smolvm.transports.base import GUEST_ENV_FILE, ExecRequest
 from smolvm.types import VMConfig, VMInfo, VMState
 from smolvm.vm import SmolVMManager

@@ -424,7 +424,6 @@ def probe_kvm(
     run_budget = max(0.01, min(run_budget, timeout / 2))
     argv = [sys.executable, "-I", str(Path(__file__).resolve()), "--child",
             "--device", device, "--budget", repr(run_budget)]  # fmt: skip
-    t0 = time.monotonic()
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)  # fmt: skip
@@ -434,7 +433,6 @@ def probe_kvm(
             f"too slow: emulated — {device} exists but the KVM probe did not finish within "
             f"{timeout:g} s (a real-mode loop that takes ~2 ms on hardware); using TCG" + note,
         )  # fmt: skip
-    wall = time.monotonic() - t0
     try:
         res = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):

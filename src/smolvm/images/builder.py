@@ -215,7 +215,7 @@ class ImageBuilder:
         if name == DEFAULT_IMAGE and snapshot and art.manifest.get("built_at", 0) >= t_call:
             # End with a booted-and-ready snapshot: SmolVM() restores it (~0.3 s) instead
             # of cold-booting (~3-4 s). A failure only costs speed (the next SmolVM() retries).
-            from smolvm.snapshots import build_default_snapshot
+            from smolvm.image_snapshots import build_default_snapshot
 
             self._say(f"[{name}] booting once for the ready-to-restore snapshot")
             build_default_snapshot(self)
