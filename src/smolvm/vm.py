@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,8 @@ class SmolVMManager:
             raise ValidationError(
                 "set both kernel_path and rootfs_path, or neither to use the default image",
                 field="kernel_path" if not config.kernel_path else "rootfs_path")
-        art = ImageBuilder(self.image_dir).ensure_default()
+        # First use builds the image (~1 min): say what is happening on stderr.
+        art = ImageBuilder(self.image_dir, progress=_progress_to_stderr).ensure_default()
         return config.model_copy(update={"kernel_path": art.kernel, "rootfs_path": art.rootfs})
 
     def create(self, config: VMConfig) -> VMInfo:
@@ -567,6 +569,10 @@ class SmolVMManager:
                 out["public"] = q(["ssh", *opts, "-p", str(info.network.ssh_host_port),
                                    f"{ssh_user}@{public_host}"])
         return out
+
+
+def _progress_to_stderr(msg: str) -> None:
+    print(f"smolvm: {msg}", file=sys.stderr, flush=True)
 
 
 def _is_qcow2(p: Path) -> bool:
