@@ -51,7 +51,7 @@ from smolvm.exceptions import (
     ValidationError,
 )
 from smolvm.images.builder import artifacts_for_kernel
-from smolvm.keys import HostKey, ensure_client_key, write_known_hosts
+from smolvm.keys import HostKey, ensure_client_key
 from smolvm.transports.base import GUEST_ENV_FILE, ExecRequest
 from smolvm.types import VM_ID_RE, NetworkInfo, VMConfig, VMInfo, VMState
 from smolvm.vmhost import env_file_text
@@ -407,11 +407,7 @@ def create_clone(mgr: SmolVMManager, ref: str, *, vm_id: str | None = None,
                         config=config.model_dump(mode="json"), vm_dir=str(d), disk_path=str(disk),
                         host_key=hk.public_line, snapshot=ref, **extra)
     try:
-        mgr.state.add_resource(vm_id, "dir", str(d))
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (d / "ssh_host_key").write_bytes(hk.dropbear_private)
-        (d / "ssh_host_key").chmod(0o600)
-        write_known_hosts(d / "known_hosts", vm_id, hk.public_line)
+        mgr.init_vm_dir(vm_id, hk)
         mgr.state.add_resource(vm_id, "disk", str(disk))
         write_qcow2_overlay(disk, snap.path / "disk.qcow2")
         net = mgr.network.allocate(vm_id, config.network, config.port_forwards)

@@ -189,11 +189,7 @@ class SmolVMManager:
                              config=config.model_dump(mode="json"), vm_dir=str(d),
                              disk_path=str(disk), host_key=hk.public_line)
         try:
-            self.state.add_resource(vm_id, "dir", str(d))
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            (d / "ssh_host_key").write_bytes(hk.dropbear_private)
-            (d / "ssh_host_key").chmod(0o600)
-            write_known_hosts(d / "known_hosts", vm_id, hk.public_line)
+            self.init_vm_dir(vm_id, hk)
             self.state.add_resource(vm_id, "disk", str(disk))
             self._create_disk(config, disk, backend)
             net = self.network.allocate(vm_id, config.network, config.port_forwards)
@@ -202,6 +198,16 @@ class SmolVMManager:
             self._purge(vm_id, keep_disk=False)
             raise
         return self.get(vm_id)
+
+    def init_vm_dir(self, vm_id: str, hk: HostKey) -> Path:
+        """The VM's private dir (recorded first) with its SSH host key and known_hosts."""
+        d = self.vm_dir(vm_id)
+        self.state.add_resource(vm_id, "dir", str(d))
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (d / "ssh_host_key").write_bytes(hk.dropbear_private)
+        (d / "ssh_host_key").chmod(0o600)
+        write_known_hosts(d / "known_hosts", vm_id, hk.public_line)
+        return d
 
     def _create_disk(self, config: VMConfig, disk: Path, backend: str) -> None:
         assert config.rootfs_path is not None
