@@ -36,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from peer_quicksand import _rss_kib  # benchmarks/ is on sys.path as the script dir
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_PEER_VENV = Path.home() / ".cache" / "smolvm-bench" / "quicksand-venv"
 TARGETS = {"restore_total_median_s": 0.5, "pool_handout_median_ms": 20.0, "idle_rss_mib": 160.0,
@@ -56,19 +58,8 @@ def stats(xs: list[float], scale: float = 1.0, nd: int = 4) -> dict:
 
 
 def rss_of(pid: int | None) -> dict:
-    out: dict = {}
-    if not pid:
-        return out
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith(("VmRSS", "RssAnon", "RssFile", "RssShmem")):
-                out[line.split(":")[0]] = int(line.split()[1])
-        for line in open(f"/proc/{pid}/smaps_rollup"):
-            if line.startswith("Pss:"):
-                out["Pss"] = int(line.split()[1])
-    except OSError:
-        pass
-    return out
+    """VmRSS/Rss*/Pss in KiB: the same reader the peer script uses (stdlib only)."""
+    return _rss_kib(pid) if pid else {}
 
 
 # ----------------------------------------------------------------------------- ours

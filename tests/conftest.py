@@ -105,8 +105,11 @@ def shared_vm(tmp_path_factory: pytest.TempPathFactory, default_image):
         try:
             vm.__exit__(None, None, None)
         finally:
-            for p in qemu_pids_for(vm_id):
+            leaked = qemu_pids_for(vm_id)
+            for p in leaked:
                 os.kill(p, 9)
+        assert leaked == [], f"QEMU of shared VM {vm_id} survived teardown"
+        assert not list(Path("/tmp").glob(f"smolvm-{vm_id}.*")), "sockets/lock files left behind"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

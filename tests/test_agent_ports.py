@@ -21,7 +21,6 @@ from smolvm.exceptions import CommandExecutionUnavailableError
 from smolvm.transports.agent import AgentTransport
 from smolvm.transports.base import ExecRequest
 
-from conftest import qemu_pids_for
 
 pytestmark = pytest.mark.e2e
 
@@ -95,17 +94,8 @@ class Holder:
 
 
 @pytest.fixture(scope="module")
-def vm(tmp_path_factory, default_image):
-    d = tmp_path_factory.mktemp("ports")
-    box = SmolVM(data_dir=d)
-    try:
-        box.start()
-        yield box
-    finally:
-        vm_id = box.vm_id
-        box.__exit__(None, None, None)
-        assert qemu_pids_for(vm_id) == []
-        assert not list(Path("/tmp").glob(f"smolvm-{vm_id}.*")), "sockets/lock files left behind"
+def vm(shared_vm):
+    return shared_vm
 
 
 @pytest.fixture
