@@ -1,5 +1,6 @@
 """Core latency benchmark: cold boot → first command per channel, the default (snapshot
-restored) sandbox, warm command round trip per channel, and image build time. Prints JSON (medians and p95 over repeated runs).
+restored) sandbox, warm command round trip per channel, and image build time. Prints JSON
+(medians and p95 over repeated runs).
 
     .venv/bin/python benchmarks/bench_core.py [--boots 5] [--warm 100] [--build]
 """
@@ -19,8 +20,13 @@ from pathlib import Path
 def stats(xs: list[float]) -> dict:
     xs = sorted(xs)
     p95 = xs[min(len(xs) - 1, max(0, round(0.95 * len(xs)) - 1))]
-    return {"n": len(xs), "median": round(statistics.median(xs), 4), "p95": round(p95, 4),
-            "min": round(xs[0], 4), "max": round(xs[-1], 4)}
+    return {
+        "n": len(xs),
+        "median": round(statistics.median(xs), 4),
+        "p95": round(p95, 4),
+        "min": round(xs[0], 4),
+        "max": round(xs[-1], 4),
+    }
 
 
 def boot_to_first_command(channel: str, runs: int, data_dir: Path, **cfg) -> dict:
@@ -51,8 +57,9 @@ def warm(channel: str, runs: int, data_dir: Path) -> dict:
                 t0 = time.perf_counter()
                 vm.run("true", shell=shell)
                 xs.append(time.perf_counter() - t0)
-            out[shell] = {k: (round(v * 1000, 2) if isinstance(v, float) else v)
-                          for k, v in stats(xs).items()}
+            out[shell] = {
+                k: (round(v * 1000, 2) if isinstance(v, float) else v) for k, v in stats(xs).items()
+            }
     return {"true_ms": out}
 
 
@@ -69,8 +76,11 @@ def image_build(tmp: Path) -> dict:
     t0 = time.perf_counter()
     b.build_image("bench")  # inputs unchanged: cache hit
     hit = time.perf_counter() - t0
-    return {"cold_build_s": round(cold, 1), "rebuild_cached_base_s": round(rebuild, 1),
-            "cache_hit_s": round(hit, 4)}
+    return {
+        "cold_build_s": round(cold, 1),
+        "rebuild_cached_base_s": round(rebuild, 1),
+        "cache_hit_s": round(hit, 4),
+    }
 
 
 def main() -> int:

@@ -39,7 +39,7 @@ def _children(pid: int) -> list[int]:
                 stat = open(f"/proc/{d}/stat").read()
             except OSError:
                 continue
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
                 out.append(int(d))
     return out
 
@@ -76,8 +76,13 @@ async def one_round(warm: int, idle: float) -> dict:
     t1 = time.perf_counter()
     await sb.stop()
     stop = time.perf_counter() - t1
-    return {"first_command_s": first, "warm_true_s": xs, "idle_rss_kib": rss, "stop_s": stop,
-            "total_s": time.perf_counter() - t0}
+    return {
+        "first_command_s": first,
+        "warm_true_s": xs,
+        "idle_rss_kib": rss,
+        "stop_s": stop,
+        "total_s": time.perf_counter() - t0,
+    }
 
 
 async def concurrent(n: int, idle: float, timeout: float = 420.0) -> dict:
@@ -95,8 +100,9 @@ async def concurrent(n: int, idle: float, timeout: float = 420.0) -> dict:
 
     try:
         # One guest that never comes up must not hold the others' result hostage.
-        results = await asyncio.gather(*(asyncio.wait_for(up(b), timeout) for b in boxes),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(up(b), timeout) for b in boxes), return_exceptions=True
+        )
         errors = [repr(r) for r in results if isinstance(r, BaseException)]
         all_up = time.perf_counter() - t0
         await asyncio.sleep(idle)
@@ -105,8 +111,14 @@ async def concurrent(n: int, idle: float, timeout: float = 420.0) -> dict:
         t1 = time.perf_counter()
         await asyncio.gather(*(b.stop() for b in boxes), return_exceptions=True)
         stop = time.perf_counter() - t1
-    return {"n": n, "first_command_s": firsts, "all_ready_s": all_up, "idle_rss_kib": rss,
-            "stop_all_s": stop, "errors": errors}
+    return {
+        "n": n,
+        "first_command_s": firsts,
+        "all_ready_s": all_up,
+        "idle_rss_kib": rss,
+        "stop_all_s": stop,
+        "errors": errors,
+    }
 
 
 def main() -> int:

@@ -40,8 +40,13 @@ from peer_quicksand import _rss_kib  # benchmarks/ is on sys.path as the script 
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PEER_VENV = Path.home() / ".cache" / "smolvm-bench" / "quicksand-venv"
-TARGETS = {"restore_total_median_s": 0.5, "pool_handout_median_ms": 20.0, "idle_rss_mib": 160.0,
-           "stop_delete_median_ms": 300.0, "speedup_vs_peer_first_command": 80.0}
+TARGETS = {
+    "restore_total_median_s": 0.5,
+    "pool_handout_median_ms": 20.0,
+    "idle_rss_mib": 160.0,
+    "stop_delete_median_ms": 300.0,
+    "speedup_vs_peer_first_command": 80.0,
+}
 
 
 def log(msg: str) -> None:
@@ -53,8 +58,13 @@ def stats(xs: list[float], scale: float = 1.0, nd: int = 4) -> dict:
         return {"n": 0}
     s = sorted(x * scale for x in xs)
     p95 = s[min(len(s) - 1, max(0, -(-95 * len(s) // 100) - 1))]
-    return {"n": len(s), "median": round(statistics.median(s), nd), "p95": round(p95, nd),
-            "min": round(s[0], nd), "max": round(s[-1], nd)}
+    return {
+        "n": len(s),
+        "median": round(statistics.median(s), nd),
+        "p95": round(p95, nd),
+        "min": round(s[0], nd),
+        "max": round(s[-1], nd),
+    }
 
 
 def rss_of(pid: int | None) -> dict:
@@ -66,10 +76,24 @@ def rss_of(pid: int | None) -> dict:
 class Ours:
     def __init__(self, data_dir: Path) -> None:
         self.d = data_dir
-        self.r: dict[str, list] = {k: [] for k in (
-            "restore_total", "restore_first", "restore_stop", "pool_handout", "pool_first",
-            "pool_stop", "cold_first", "cold_total", "cold_stop", "snapshot_file", "snapshot_stream",
-            "warm_login", "warm_raw")}
+        self.r: dict[str, list] = {
+            k: []
+            for k in (
+                "restore_total",
+                "restore_first",
+                "restore_stop",
+                "pool_handout",
+                "pool_first",
+                "pool_stop",
+                "cold_first",
+                "cold_total",
+                "cold_stop",
+                "snapshot_file",
+                "snapshot_stream",
+                "warm_login",
+                "warm_raw",
+            )
+        }
         self.rss: dict[str, list] = {"restored": [], "pooled": [], "cold": []}
 
     def prepare(self) -> None:
@@ -189,7 +213,7 @@ class Ours:
                     rss.append(rss_of(vm.info.pid))
                     a = time.perf_counter()
                 stops.append(time.perf_counter() - a)
-            except Exception as exc:  # noqa: BLE001 - reported in the JSON
+            except Exception as exc:
                 errors.append(repr(exc))
                 try:
                     ready.abort()
@@ -208,28 +232,50 @@ class Ours:
         done.set()
         for t in threads:
             t.join(300)
-        return {"n": n, "all_ready_s": round(all_up, 3), "first_command_s": stats(firsts),
-                "idle_rss_mib": stats([r.get("VmRSS", 0) / 1024 for r in rss], nd=1),
-                "idle_pss_mib": stats([r.get("Pss", 0) / 1024 for r in rss], nd=1),
-                "stop_delete_ms": stats(stops, 1000, 1), "errors": errors}
+        return {
+            "n": n,
+            "all_ready_s": round(all_up, 3),
+            "first_command_s": stats(firsts),
+            "idle_rss_mib": stats([r.get("VmRSS", 0) / 1024 for r in rss], nd=1),
+            "idle_pss_mib": stats([r.get("Pss", 0) / 1024 for r in rss], nd=1),
+            "stop_delete_ms": stats(stops, 1000, 1),
+            "errors": errors,
+        }
 
     def report(self) -> dict:
         r = self.r
         out = {
-            "restore": {"total_s": stats(r["restore_total"]), "first_command_s": stats(r["restore_first"]),
-                        "stop_delete_ms": stats(r["restore_stop"], 1000, 1)},
-            "pool": {"handout_ms": stats(r["pool_handout"], 1000, 2),
-                     "handout_plus_first_command_ms": stats(r["pool_first"], 1000, 2),
-                     "stop_delete_ms": stats(r["pool_stop"], 1000, 1)},
-            "cold_boot": {"first_command_s": stats(r["cold_first"]), "total_s": stats(r["cold_total"]),
-                          "stop_delete_ms": stats(r["cold_stop"], 1000, 1)},
-            "snapshot_save_s": {"file_memory_from_cold_vm": stats(r["snapshot_file"]),
-                                "stream_memory_from_restored_vm": stats(r["snapshot_stream"])},
-            "warm_command_ms": {"login": stats(r["warm_login"], 1000, 2), "raw": stats(r["warm_raw"], 1000, 2)},
+            "restore": {
+                "total_s": stats(r["restore_total"]),
+                "first_command_s": stats(r["restore_first"]),
+                "stop_delete_ms": stats(r["restore_stop"], 1000, 1),
+            },
+            "pool": {
+                "handout_ms": stats(r["pool_handout"], 1000, 2),
+                "handout_plus_first_command_ms": stats(r["pool_first"], 1000, 2),
+                "stop_delete_ms": stats(r["pool_stop"], 1000, 1),
+            },
+            "cold_boot": {
+                "first_command_s": stats(r["cold_first"]),
+                "total_s": stats(r["cold_total"]),
+                "stop_delete_ms": stats(r["cold_stop"], 1000, 1),
+            },
+            "snapshot_save_s": {
+                "file_memory_from_cold_vm": stats(r["snapshot_file"]),
+                "stream_memory_from_restored_vm": stats(r["snapshot_stream"]),
+            },
+            "warm_command_ms": {
+                "login": stats(r["warm_login"], 1000, 2),
+                "raw": stats(r["warm_raw"], 1000, 2),
+            },
             "stop_delete_ms": stats(r["restore_stop"] + r["pool_stop"], 1000, 1),
-            "idle_rss_mib": {k: {"VmRSS": stats([x.get("VmRSS", 0) / 1024 for x in v], nd=1),
-                                 "Pss": stats([x.get("Pss", 0) / 1024 for x in v], nd=1)}
-                             for k, v in self.rss.items()},
+            "idle_rss_mib": {
+                k: {
+                    "VmRSS": stats([x.get("VmRSS", 0) / 1024 for x in v], nd=1),
+                    "Pss": stats([x.get("Pss", 0) / 1024 for x in v], nd=1),
+                }
+                for k, v in self.rss.items()
+            },
         }
         return out
 
@@ -264,8 +310,13 @@ class Peer:
 
     def _run(self, *args: str) -> dict | None:
         try:
-            p = subprocess.run([str(self.py), str(HERE / "peer_quicksand.py"), *args], capture_output=True,
-                               text=True, timeout=self.timeout, cwd=tempfile.gettempdir())
+            p = subprocess.run(
+                [str(self.py), str(HERE / "peer_quicksand.py"), *args],
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+                cwd=tempfile.gettempdir(),
+            )
         except subprocess.TimeoutExpired:
             self.errors.append(f"{args[0]}: timed out after {self.timeout} s")
             return None
@@ -288,17 +339,22 @@ class Peer:
             "first_command_s": stats([r["first_command_s"] for r in rs]),
             "warm_command_ms": stats([x for r in rs for x in r["warm_true_s"]], 1000, 2),
             "stop_ms": stats([r["stop_s"] for r in rs], 1000, 1),
-            "idle_rss_mib": {"VmRSS": stats([r["idle_rss_kib"].get("VmRSS", 0) / 1024 for r in rs], nd=1),
-                             "Pss": stats([r["idle_rss_kib"].get("Pss", 0) / 1024 for r in rs], nd=1)},
+            "idle_rss_mib": {
+                "VmRSS": stats([r["idle_rss_kib"].get("VmRSS", 0) / 1024 for r in rs], nd=1),
+                "Pss": stats([r["idle_rss_kib"].get("Pss", 0) / 1024 for r in rs], nd=1),
+            },
             "errors": self.errors,
         }
         c = self.concurrent_res
         if c:
             out["concurrent"] = {
-                "n": c["n"], "all_ready_s": round(c["all_ready_s"], 3),
+                "n": c["n"],
+                "all_ready_s": round(c["all_ready_s"], 3),
                 "first_command_s": stats(c["first_command_s"]),
                 "idle_rss_mib": stats([r.get("VmRSS", 0) / 1024 for r in c["idle_rss_kib"]], nd=1),
-                "stop_all_ms": round(c["stop_all_s"] * 1000, 1), "errors": c["errors"]}
+                "stop_all_ms": round(c["stop_all_s"] * 1000, 1),
+                "errors": c["errors"],
+            }
         return out
 
 
@@ -314,9 +370,15 @@ def host_info() -> dict:
 
     qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout
     probe = accel_decision()
-    return {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-            "qemu": qemu.splitlines()[0] if qemu else None, "accelerator": probe.accel,
-            "accelerator_reason": probe.reason, "loadavg_start": os.getloadavg()}
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "qemu": qemu.splitlines()[0] if qemu else None,
+        "accelerator": probe.accel,
+        "accelerator_reason": probe.reason,
+        "loadavg_start": os.getloadavg(),
+    }
 
 
 def main() -> int:
@@ -327,7 +389,9 @@ def main() -> int:
     ap.add_argument("--warm", type=int, help="warm commands (30 quick, 200 full)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--peer-venv", type=Path, default=Path(os.environ.get("SMOLVM_BENCH_PEER_VENV", DEFAULT_PEER_VENV)))
+    ap.add_argument(
+        "--peer-venv", type=Path, default=Path(os.environ.get("SMOLVM_BENCH_PEER_VENV", DEFAULT_PEER_VENV))
+    )
     ap.add_argument("--peer-timeout", type=float, default=900.0)
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     a = ap.parse_args()
@@ -348,8 +412,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="smolvm-bench-") as tmp:
         ours = Ours(Path(tmp) / "data")
         ours.prepare()
-        res: dict = {"host": host_info(), "params": {"rounds": rounds, "per_round": per, "warm": warm,
-                                                      "concurrency": a.concurrency, "peer": not a.no_peer}}
+        res: dict = {
+            "host": host_info(),
+            "params": {
+                "rounds": rounds,
+                "per_round": per,
+                "warm": warm,
+                "concurrency": a.concurrency,
+                "peer": not a.no_peer,
+            },
+        }
         for rnd in range(rounds):
             log(f"round {rnd + 1}/{rounds}: ours cold boot + snapshot")
             ours.cold_round(snapshot=(rnd == 0))
@@ -382,16 +454,23 @@ def main() -> int:
             res["peer"] = {"name": "quicksand 0.13 (quick-sandbox[alpine], accel='tcg')", **p}
             pm = p["first_command_s"].get("median")
             res["ratios_peer_over_ours"] = {
-                "sandbox_ready_restore_vs_peer_cold": ratio(pm, o["restore"]["first_command_s"].get("median")),
+                "sandbox_ready_restore_vs_peer_cold": ratio(
+                    pm, o["restore"]["first_command_s"].get("median")
+                ),
                 "with_run_true_end_to_end_vs_peer_cold": ratio(pm, o["restore"]["total_s"].get("median")),
                 "pool_handout_vs_peer_cold": ratio(pm, (o["pool"]["handout_ms"].get("median") or 0) / 1000),
                 "pool_handout_plus_command_vs_peer_cold": ratio(
-                    pm, (o["pool"]["handout_plus_first_command_ms"].get("median") or 0) / 1000),
+                    pm, (o["pool"]["handout_plus_first_command_ms"].get("median") or 0) / 1000
+                ),
                 "cold_boot_vs_peer_cold": ratio(pm, o["cold_boot"]["first_command_s"].get("median")),
-                "warm_command": ratio(p["warm_command_ms"].get("median"), o["warm_command_ms"]["login"].get("median")),
+                "warm_command": ratio(
+                    p["warm_command_ms"].get("median"), o["warm_command_ms"]["login"].get("median")
+                ),
                 "stop_delete": ratio(p["stop_ms"].get("median"), o["stop_delete_ms"].get("median")),
-                "idle_rss": ratio(p["idle_rss_mib"]["VmRSS"].get("median"),
-                                  o["idle_rss_mib"]["restored"]["VmRSS"].get("median")),
+                "idle_rss": ratio(
+                    p["idle_rss_mib"]["VmRSS"].get("median"),
+                    o["idle_rss_mib"]["restored"]["VmRSS"].get("median"),
+                ),
             }
             if "concurrent" in p:
                 pc = p["concurrent"]
@@ -402,19 +481,32 @@ def main() -> int:
                 res["ratios_peer_over_ours"]["concurrent_peer_failures"] = len(pc["errors"])
         rss_worst = max((o["idle_rss_mib"][k]["VmRSS"].get("median") or 0) for k in ("restored", "pooled"))
         checks = {
-            "restore_total_median_s": (o["restore"]["total_s"].get("median"), TARGETS["restore_total_median_s"]),
-            "pool_handout_median_ms": (o["pool"]["handout_ms"].get("median"), TARGETS["pool_handout_median_ms"]),
+            "restore_total_median_s": (
+                o["restore"]["total_s"].get("median"),
+                TARGETS["restore_total_median_s"],
+            ),
+            "pool_handout_median_ms": (
+                o["pool"]["handout_ms"].get("median"),
+                TARGETS["pool_handout_median_ms"],
+            ),
             "idle_rss_mib": (rss_worst, TARGETS["idle_rss_mib"]),
             "stop_delete_median_ms": (o["stop_delete_ms"].get("median"), TARGETS["stop_delete_median_ms"]),
         }
-        res["targets"] = {k: {"value": v, "target": t, "ok": v is not None and v <= t} for k, (v, t) in checks.items()}
-        res["targets"]["concurrent_ok"] = {"value": a.concurrency - len(conc["errors"]),
-                                           "target": a.concurrency, "ok": not conc["errors"]}
+        res["targets"] = {
+            k: {"value": v, "target": t, "ok": v is not None and v <= t} for k, (v, t) in checks.items()
+        }
+        res["targets"]["concurrent_ok"] = {
+            "value": a.concurrency - len(conc["errors"]),
+            "target": a.concurrency,
+            "ok": not conc["errors"],
+        }
         if peer and res["ratios_peer_over_ours"].get("pool_handout_vs_peer_cold"):
             sp = res["ratios_peer_over_ours"]["with_run_true_end_to_end_vs_peer_cold"]
             res["targets"]["speedup_vs_peer_first_command"] = {
-                "value": sp, "target": TARGETS["speedup_vs_peer_first_command"],
-                "ok": sp is not None and sp >= TARGETS["speedup_vs_peer_first_command"]}
+                "value": sp,
+                "target": TARGETS["speedup_vs_peer_first_command"],
+                "ok": sp is not None and sp >= TARGETS["speedup_vs_peer_first_command"],
+            }
         res["host"]["loadavg_end"] = os.getloadavg()
         res["wall_s"] = round(time.time() - t_start, 1)
     text = json.dumps(res, indent=2)

@@ -1,6 +1,6 @@
 """Seed example (callbacks guide): attach a callback to an existing sandbox."""
 
-from smolvm import SmolVM, Callback
+from smolvm import Callback, SmolVM
 
 
 class HelloHook(Callback):

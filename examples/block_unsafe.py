@@ -1,6 +1,6 @@
 """Seed example (callbacks guide): the second run raises CommandBlockedError by design."""
 
-from smolvm import SmolVM, Callback, CommandBlockedError
+from smolvm import Callback, CommandBlockedError, SmolVM
 
 
 class SafetyGuard(Callback):
@@ -16,5 +16,5 @@ class SafetyGuard(Callback):
 
 
 with SmolVM(callbacks=[SafetyGuard()]) as vm:
-    vm.run("echo hello")     # runs normally
-    vm.run("rm -rf /")       # raises CommandBlockedError; never reaches the guest
+    vm.run("echo hello")  # runs normally
+    vm.run("rm -rf /")  # raises CommandBlockedError; never reaches the guest

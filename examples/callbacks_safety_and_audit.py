@@ -1,6 +1,6 @@
 """Seed example (callbacks reference): a pre-run veto plus a post-run audit printer."""
 
-from smolvm import SmolVM, Callback, CommandBlockedError
+from smolvm import Callback, CommandBlockedError, SmolVM
 
 
 class SafetyGuard(Callback):

@@ -1,6 +1,6 @@
 """SmolVM's own guards: a shell-aware SafetyGuard and an AuditLog in the state database."""
 
-from smolvm import SmolVM, CommandBlockedError
+from smolvm import CommandBlockedError, SmolVM
 from smolvm.guards import AuditLog, SafetyGuard
 
 audit = AuditLog()

@@ -1,6 +1,6 @@
 """Seed example (callbacks guide): log every command an agent runs."""
 
-from smolvm import SmolVM, Callback
+from smolvm import Callback, SmolVM
 
 
 class AuditLog(Callback):

@@ -11,7 +11,7 @@ import os
 import torch
 from transformers import pipeline
 
-from smolvm import SmolVM, Callback, CommandBlockedError
+from smolvm import Callback, CommandBlockedError, SmolVM
 
 MODEL = os.environ.get("SMOLVM_INJECTION_MODEL", "axiotic/ogma-prompt-injection")
 

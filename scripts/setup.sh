@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 # Host packages: QEMU + qemu-img (VMM, overlays), e2fsprogs (mkfs.ext4 -d), debootstrap
 # (rootfs), kmod (module dependency resolution), musl-tools (static guest agent),
 # busybox-static (guest shell), nftables + iproute2 (TAP networking), openssh-client (ssh/scp),
-# zstd (compressed snapshots), ca-certificates.
+# zstd (compressed snapshots), ca-certificates, clang-format (style of the guest agent's C).
 PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs debootstrap kmod musl-tools busybox-static
-          nftables iproute2 openssh-client zstd ca-certificates python3-venv)
+          nftables iproute2 openssh-client zstd ca-certificates python3-venv clang-format)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -33,6 +33,6 @@ pip_install --upgrade pip
 pip_install -e '.[test,classifier]' 
 
 if [ "${1:-}" = "--image" ]; then
-  .venv/bin/python -c "from smolvm.images import ImageBuilder; print(ImageBuilder(progress=print).ensure_default().path)"
+  .venv/bin/python -c "from smolvm.images import ImageBuilder; from smolvm.snapshots import build_default_snapshot; b = ImageBuilder(progress=print); print(b.ensure_default().path); print(build_default_snapshot(image_dir=b.cache_dir))"
 fi
 echo "setup: ok"

@@ -3,10 +3,12 @@ and killed at teardown, and the session fails loudly if any QEMU process leaks."
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,47 @@ import pytest
 IMAGE_DIR = Path(os.environ.get("SMOLVM_TEST_IMAGE_DIR", Path.home() / ".cache" / "smolvm-test" / "images"))
 os.environ["SMOLVM_IMAGE_DIR"] = str(IMAGE_DIR)
 IMAGE_DIR.mkdir(parents=True, exist_ok=True)
+
+
+# ------------------------------------------------------------------ host preconditions
+#: CI (CI=true, set by .ci/run) must run everything: a missing precondition fails there
+#: instead of skipping, so a misconfigured runner cannot hide whole areas.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _missing_host_packages() -> list[str]:
+    from smolvm.cli.setup import missing_packages
+
+    return missing_packages()
+
+
+PRECONDITIONS: dict[str, tuple[Callable[[], bool], str]] = {
+    "root": (lambda: os.geteuid() == 0, "needs root (TAP, nftables, apt-get)"),
+    "busybox": (lambda: Path("/bin/busybox").exists(), "needs /bin/busybox (busybox-static)"),
+    "qemu": (lambda: shutil.which("qemu-system-x86_64") is not None, "needs qemu-system-x86_64"),
+    "unshare": (
+        lambda: subprocess.run(["unshare", "-u", "true"], capture_output=True).returncode == 0,
+        "needs `unshare -u` (a UTS namespace)",
+    ),
+    "host-packages": (lambda: not _missing_host_packages(), "needs every package scripts/setup.sh installs"),
+}
+
+
+@functools.cache
+def _precondition_ok(name: str) -> bool:
+    return PRECONDITIONS[name][0]()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("requires"):
+        for name in mark.args:
+            if name not in PRECONDITIONS:
+                pytest.fail(f"unknown precondition {name!r}; known: {sorted(PRECONDITIONS)}", pytrace=False)
+            if not _precondition_ok(name):
+                reason = PRECONDITIONS[name][1]
+                if IN_CI:
+                    pytest.fail(f"precondition missing in CI (CI=true): {reason}", pytrace=False)
+                pytest.skip(reason)
 
 
 def qemu_pids_for(vm_id: str) -> list[int]:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from smolvm.exceptions import TransportError
 from smolvm.transports.agent import AgentError, GuestFileNotFoundError
 from smolvm.transports.base import ExecRequest
-from test_agent_support import (  # noqa: F401,F811  (fixtures are imported by name)
+from test_agent_support import (  # noqa: F401  (fixtures are imported by name)
     agent,
     agent_bin,
     needs_busybox,

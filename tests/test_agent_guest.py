@@ -8,7 +8,6 @@ tests exercise exactly the C sources in the tree.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from smolvm.guest import build_agent
 from smolvm.transports.agent import AgentTransport
 from smolvm.transports.base import ExecRequest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.requires("qemu")]
 
 INIT = """#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /root
@@ -50,8 +49,6 @@ def _cpu_ticks(pid: int) -> int:
 def guest(default_image, tmp_path_factory):
     from smolvm.images.cpio import CpioWriter
 
-    if not shutil.which("qemu-system-x86_64"):
-        pytest.skip("qemu-system-x86_64 not installed")
     d = tmp_path_factory.mktemp("agentguest")
     agent = build_agent(d / "agent")
     w = CpioWriter()
@@ -65,18 +62,42 @@ def guest(default_image, tmp_path_factory):
     # The kernel unpacks concatenated archives in order: our /init replaces stage 1's.
     initrd.write_bytes(Path(default_image.initrd).read_bytes() + overlay.read_bytes())
     sock, log = d / "agent.sock", d / "serial.log"
-    append = (f"console=ttyS0 quiet tsc_early_khz={_tsc_khz()} reboot=t panic=-1 cryptomgr.notests "
-              "8250.nr_uarts=1 i8042.noaux i8042.nokbd i8042.nopnp random.trust_cpu=on audit=0 "
-              "nowatchdog no_timer_check pci=off")
-    argv = ["qemu-system-x86_64", "-name", "smolvm-agent-e2e", "-no-user-config", "-nographic",
-            "-no-reboot", "-m", "256", "-smp", "1", "-M", "microvm,accel=tcg,acpi=on",
-            "-kernel", str(default_image.kernel), "-initrd", str(initrd), "-append", append,
-            "-device", "virtio-serial-device,id=vs0",
-            "-chardev", f"socket,id=ch0,path={sock},server=on,wait=off",
-            "-device", "virtserialport,bus=vs0.0,chardev=ch0,name=smolvm.agent",
-            # A second agent port (SmolVM's QEMU VMs have four): an independent channel.
-            "-chardev", f"socket,id=ch1,path={sock.with_name('agent1.sock')},server=on,wait=off",
-            "-device", "virtserialport,bus=vs0.0,chardev=ch1,name=smolvm.agent.1"]
+    append = (
+        f"console=ttyS0 quiet tsc_early_khz={_tsc_khz()} reboot=t panic=-1 cryptomgr.notests "
+        "8250.nr_uarts=1 i8042.noaux i8042.nokbd i8042.nopnp random.trust_cpu=on audit=0 "
+        "nowatchdog no_timer_check pci=off"
+    )
+    argv = [
+        "qemu-system-x86_64",
+        "-name",
+        "smolvm-agent-e2e",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-m",
+        "256",
+        "-smp",
+        "1",
+        "-M",
+        "microvm,accel=tcg,acpi=on",
+        "-kernel",
+        str(default_image.kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        append,
+        "-device",
+        "virtio-serial-device,id=vs0",
+        "-chardev",
+        f"socket,id=ch0,path={sock},server=on,wait=off",
+        "-device",
+        "virtserialport,bus=vs0.0,chardev=ch0,name=smolvm.agent",
+        # A second agent port (SmolVM's QEMU VMs have four): an independent channel.
+        "-chardev",
+        f"socket,id=ch1,path={sock.with_name('agent1.sock')},server=on,wait=off",
+        "-device",
+        "virtserialport,bus=vs0.0,chardev=ch1,name=smolvm.agent.1",
+    ]
     with open(log, "wb") as out:
         qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -18,9 +18,11 @@ import pytest
 from smolvm import SmolVM
 from smolvm.backends.base import AGENT_PORTS, agent_lock_path, agent_sockets
 from smolvm.exceptions import CommandExecutionUnavailableError
+from smolvm.locks import try_lock
 from smolvm.transports.agent import AgentTransport
+from smolvm.transports.agent_proto import HDR, OP_EXEC
 from smolvm.transports.base import ExecRequest
-
+from test_agent_support import hello_frame, read_until
 
 pytestmark = pytest.mark.e2e
 
@@ -60,8 +62,13 @@ HOLDER = textwrap.dedent("""
 
 class Holder:
     def __init__(self, vm: SmolVM) -> None:
-        self.p = subprocess.Popen([sys.executable, "-c", HOLDER, vm.vm_id, str(vm.data_dir)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.p = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, vm.vm_id, str(vm.data_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
 
     def ask(self, line: str) -> list[str]:
         self.p.stdin.write(line + "\n")
@@ -126,7 +133,8 @@ def test_vm_has_named_agent_ports(vm):
     socks = _sockets(vm)
     assert len(socks) == AGENT_PORTS == 4
     assert [s.name for s in socks] == [f"smolvm-{vm.vm_id}.agent.sock"] + [
-        f"smolvm-{vm.vm_id}.agent{i}.sock" for i in range(1, 4)]
+        f"smolvm-{vm.vm_id}.agent{i}.sock" for i in range(1, 4)
+    ]
     assert all(s.is_socket() for s in socks)
     names = vm.run("cat /sys/class/virtio-ports/*/name", shell="raw").stdout.split()
     assert sorted(names) == ["smolvm.agent", "smolvm.agent.1", "smolvm.agent.2", "smolvm.agent.3"]
@@ -169,8 +177,13 @@ def test_cli_run_while_a_script_holds_the_vm(vm):
     env = {**os.environ, "SMOLVM_DATA_DIR": str(vm.data_dir)}
     cli = Path(sys.executable).with_name("smolvm")
     for _ in range(3):
-        p = subprocess.run([str(cli), "run", vm.vm_id, "--", "echo", "from-cli"], env=env,
-                           capture_output=True, text=True, timeout=60)
+        p = subprocess.run(
+            [str(cli), "run", vm.vm_id, "--", "echo", "from-cli"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert (p.returncode, p.stdout) == (0, "from-cli\n"), p.stderr
     r = h.wait(60)
     assert (r.exit_code, r.stdout) == (0, "still-here\n")
@@ -240,3 +253,44 @@ def test_port_of_a_killed_holder_is_reusable(vm, holders):
     finally:
         for t in ts:
             t.close()
+
+
+def test_host_dying_mid_frame_leaves_the_port_usable(vm):
+    """QEMU's virtio-serial chardev: the guest's byte stream outlives host connections. A
+    host that dies mid-frame leaves half a frame in it; the next host's HELLO resyncs the
+    agent, and a new HELLO ends the previous host's session (its commands are killed)."""
+    import socket
+
+    sock = next(p for p in _sockets(vm) if p.is_socket())
+    lock = None
+    for p in _sockets(vm):  # take a free port the way AgentTransport does
+        lock = try_lock(agent_lock_path(p))
+        if lock is not None:
+            sock = p
+            break
+    assert lock is not None, "no free agent port"
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(sock))
+        s.sendall(hello_frame(b"OLDHOST1"))
+        read_until(s, b"OLDHOST1", timeout=30)
+        s.sendall(HDR.pack(b"SV", OP_EXEC, 0, 9, 200_000) + b"\0" * 1000)  # dies mid-frame
+        s.close()
+    finally:
+        os.close(lock)
+    t = AgentTransport([sock], connect_timeout=30)
+    try:
+        assert t.exec(ExecRequest("echo resynced", "raw", 30)).stdout == "resynced\n"
+        h = t.spawn(ExecRequest("exec sleep 1000", "raw", None))
+        pid = h.pid
+    finally:
+        t.close()
+    t2 = AgentTransport([sock], connect_timeout=30)
+    try:
+        assert t2.exec(ExecRequest("echo second host", "raw", 30)).stdout == "second host\n"
+        end = time.monotonic() + 10
+        while t2.exec(ExecRequest(f"kill -0 {pid}", "raw", 30)).exit_code == 0:
+            assert time.monotonic() < end, "a new HELLO must end the previous session's commands"
+            time.sleep(0.05)
+    finally:
+        t2.close()

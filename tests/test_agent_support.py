@@ -6,10 +6,8 @@ Not a test module itself; the test_agent_*.py modules import its fixtures.
 from __future__ import annotations
 
 import os
-import select
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from smolvm.transports.agent import AgentTransport
 from smolvm.transports.agent_proto import HDR, OP_HELLO, SYNC_MAGIC
 from smolvm.transports.base import ExecRequest
 
-needs_busybox = pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs /bin/busybox")
+needs_busybox = pytest.mark.requires("busybox")
 SANITIZER_MARKS = (b"AddressSanitizer", b"runtime error:", b"LeakSanitizer")
 
 
@@ -126,56 +124,6 @@ def read_until(s: socket.socket, needle: bytes, timeout: float = 5.0) -> bytes:
         assert chunk, "agent closed the connection"
         buf += chunk
     return buf
-
-
-class StreamProxy:
-    """Accepts one client at a time and pipes it to a persistent stream, like QEMU's chardev."""
-
-    def __init__(self, path: Path, stream: socket.socket) -> None:
-        self.path, self.stream, self._select = path, stream, select.select
-        self.listener = socket.socket(socket.AF_UNIX)
-        self.listener.bind(str(path))
-        self.listener.listen()
-        self.client: socket.socket | None = None
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopped:
-            rl = [self.listener, self.stream] + ([self.client] if self.client else [])
-            r, _, _ = self._select(rl, [], [], 0.05)
-            if self.listener in r:
-                if self.client:
-                    self.client.close()
-                self.client, _ = self.listener.accept()
-            if self.stream in r:
-                data = self.stream.recv(1 << 20)
-                if not data:
-                    return
-                if self.client:  # with no client connected, output is lost (like QEMU)
-                    try:
-                        self.client.sendall(data)
-                    except OSError:
-                        self.client.close()
-                        self.client = None
-            if self.client and self.client in r:
-                try:
-                    data = self.client.recv(1 << 20)
-                except OSError:
-                    data = b""
-                if data:
-                    self.stream.sendall(data)
-                else:
-                    self.client.close()
-                    self.client = None
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.thread.join(5)
-        for s in (self.listener, self.stream, self.client):
-            if s:
-                s.close()
 
 
 def pump(src: socket.socket, dst: socket.socket) -> None:

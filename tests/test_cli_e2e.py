@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import qemu_pids_for
 from test_cli import SMOLVM, Result, cli_env, one_line_error, smolvm
 
@@ -96,8 +97,13 @@ def test_run_stdin_binary_output_and_timeout(cli: Ctx) -> None:
 
 def test_run_into_closed_pipe_stops_guest_command(cli: Ctx) -> None:
     """`smolvm run ID -- yes | head -2`: ends like a local pipeline (141), guest `yes` killed."""
-    p = subprocess.Popen([*SMOLVM, "run", VM, "--", "yes"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli_env(cli.d))
+    p = subprocess.Popen(
+        [*SMOLVM, "run", VM, "--", "yes"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=cli_env(cli.d),
+    )
     assert p.stdout is not None
     assert p.stdout.readline() == b"y\n" and p.stdout.readline() == b"y\n"
     p.stdout.close()
@@ -136,7 +142,9 @@ def test_cp_both_ways(cli: Ctx, tmp_path: Path) -> None:
     # a trailing slash (or an existing guest directory) keeps the file name
     assert cli("cp", str(src), f"{VM}:/tmp/").code == 0
     assert cli("cp", str(src), f"{VM}:/var").code == 0
-    r = cli("run", VM, "--", "cmp /tmp/payload.bin /root/up.bin && cmp /var/payload.bin /root/up.bin && echo same")
+    r = cli(
+        "run", VM, "--", "cmp /tmp/payload.bin /root/up.bin && cmp /var/payload.bin /root/up.bin && echo same"
+    )
     assert r.out == "same\n", str(r)
     back = tmp_path / "back.bin"
     r = cli("cp", f"{VM}:/root/up.bin", str(back))
@@ -171,7 +179,9 @@ def test_audit_records_cli_runs(cli: Ctx) -> None:
     assert cli("run", "--no-audit", VM, "--", "echo secret-not-audited").code == 0
     recs = cli("audit", VM, "--json", "--limit", "100").json()
     cmds = {r["command"]: r for r in recs}
-    assert cmds["echo audited; exit 3"]["exit_code"] == 3 and cmds["echo audited; exit 3"]["status"] == "failed"
+    assert (
+        cmds["echo audited; exit 3"]["exit_code"] == 3 and cmds["echo audited; exit 3"]["status"] == "failed"
+    )
     assert not any("secret-not-audited" in c for c in cmds)
     assert all(r["vm_id"] == VM for r in recs)
     assert len(cli("audit", VM, "--json", "--limit", "1").json()) == 1
@@ -226,8 +236,13 @@ def test_delete_running_needs_force(cli: Ctx) -> None:
 
 
 def test_stop_ends_logs_follow_then_delete(cli: Ctx) -> None:
-    follow = subprocess.Popen([*SMOLVM, "logs", "--follow", VM], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli_env(cli.d))
+    follow = subprocess.Popen(
+        [*SMOLVM, "logs", "--follow", VM],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=cli_env(cli.d),
+    )
     try:
         time.sleep(1.0)
         assert follow.poll() is None  # still following a running VM

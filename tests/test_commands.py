@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import qemu_pids_for
 from smolvm import SmolVM
 from smolvm.exceptions import (
     CommandExecutionUnavailableError,
@@ -19,8 +20,7 @@ from smolvm.exceptions import (
     SmolVMError,
     ValidationError,
 )
-
-from conftest import qemu_pids_for
+from smolvm.transports.base import ExecRequest
 
 pytestmark = pytest.mark.e2e
 
@@ -103,8 +103,12 @@ def test_login_vs_raw_environment(vm):
 
 
 def test_env_quoting_is_literal(vm):
-    nasty = {"Q1": "it's \"quoted\"", "Q2": "line1\nline2", "Q3": "$(touch /tmp/pwned) `id` $HOME",
-             "Q4": "back\\slash;&|<>*?"}
+    nasty = {
+        "Q1": 'it\'s "quoted"',
+        "Q2": "line1\nline2",
+        "Q3": "$(touch /tmp/pwned) `id` $HOME",
+        "Q4": "back\\slash;&|<>*?",
+    }
     vm.set_env_vars(nasty)
     for k, v in nasty.items():
         assert vm.run(f'printf %s "${k}"').stdout == v
@@ -143,8 +147,9 @@ def test_large_output_100mb(vm):
 
 
 def test_binary_output(vm):
-    r = vm.run("head -c 65536 /dev/urandom | tee /tmp/rand.bin | sha256sum | cut -d' ' -f1; "
-               "cat /tmp/rand.bin >&2")
+    r = vm.run(
+        "head -c 65536 /dev/urandom | tee /tmp/rand.bin | sha256sum | cut -d' ' -f1; cat /tmp/rand.bin >&2"
+    )
     digest = r.stdout.strip()
     assert hashlib.sha256(r.stderr_bytes).hexdigest() == digest
     raw = vm.run("printf '\\377\\376\\000\\001'")
@@ -154,7 +159,9 @@ def test_binary_output(vm):
 def test_streaming_callbacks_arrive_before_exit(vm):
     seen: list[tuple[float, bytes]] = []
     t0 = time.monotonic()
-    r = vm.run("echo first; sleep 2; echo second", on_stdout=lambda b: seen.append((time.monotonic() - t0, b)))
+    r = vm.run(
+        "echo first; sleep 2; echo second", on_stdout=lambda b: seen.append((time.monotonic() - t0, b))
+    )
     assert r.stdout == "first\nsecond\n"
     assert b"".join(b for _, b in seen) == b"first\nsecond\n"
     first_at = next(t for t, b in seen if b"first" in b)
@@ -214,8 +221,16 @@ def test_invalid_arguments(vm):
 
 
 def test_channels_give_identical_results(pair):
-    cmds = ["echo hi", "echo err >&2; exit 3", "printf 'a\\nb'", "echo $0", "cd /tmp && pwd",
-            "read x; echo got:$x", "umask", "id -u"]
+    cmds = [
+        "echo hi",
+        "echo err >&2; exit 3",
+        "printf 'a\\nb'",
+        "echo $0",
+        "cd /tmp && pwd",
+        "read x; echo got:$x",
+        "umask",
+        "id -u",
+    ]
     for c in cmds:
         a, s = pair["agent"].run(c, shell="raw"), pair["ssh"].run(c, shell="raw")
         assert (a.exit_code, a.stdout, a.stderr) == (s.exit_code, s.stdout, s.stderr), c
@@ -224,18 +239,42 @@ def test_channels_give_identical_results(pair):
 def test_ssh_reconnects_after_server_restart(pair):
     vm = pair["ssh"]
     assert vm.run("echo before").output == "before"
+    old = set(vm.run("pidof dropbear", shell="raw").output.split())
+    assert old, "no SSH server running"
+    connects = vm._transport.connects
     # Kill every dropbear (ours included) and start a fresh server; the next run reconnects.
-    vm.spawn("sleep 0.5; pkill dropbear; /usr/sbin/dropbear -r /etc/dropbear/dropbear_ed25519_host_key -p 22 -s")
-    time.sleep(3)
+    vm.spawn(
+        "sleep 0.5; pkill dropbear; /usr/sbin/dropbear -r /etc/dropbear/dropbear_ed25519_host_key -p 22 -s"
+    )
+    t = vm.manager.transport(vm.vm_id, "agent")  # watch the restart from the side
+    try:
+        listening = "grep -q ':0016 00000000:0000 0A' /proc/net/tcp /proc/net/tcp6 && pidof dropbear"
+        deadline = time.monotonic() + 30
+        while True:
+            r = t.exec(ExecRequest(listening, "raw", 10))
+            new = set(r.stdout.split())
+            if r.ok and new and not (new & old):
+                break
+            assert time.monotonic() < deadline, f"server did not restart: {r}"
+            time.sleep(0.05)
+    finally:
+        t.close()
     assert vm.run("echo after").output == "after"
+    assert vm._transport.connects == connects + 1, "the run was served by a new connection"
 
 
 def test_ssh_commands_work_when_pasted(pair, tmp_path: Path):
     vm = pair["ssh"]
     cmds = vm.ssh_commands()
     assert "StrictHostKeyChecking=no" not in cmds["ssh"]
-    out = subprocess.run(cmds["ssh"] + " echo via-ssh", shell=True, capture_output=True, text=True,
-                         timeout=60, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        cmds["ssh"] + " echo via-ssh",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "via-ssh"
     assert "Warning" not in out.stderr
@@ -244,8 +283,11 @@ def test_ssh_commands_work_when_pasted(pair, tmp_path: Path):
     up = cmds["scp_to_guest"].replace("<local>", shlex.quote(str(f))).replace("<remote>", "/root/up.txt")
     assert subprocess.run(up, shell=True, capture_output=True, timeout=60).returncode == 0
     assert vm.run("cat /root/up.txt").output == "scp works"
-    down = cmds["scp_from_guest"].replace("<remote>", "/root/up.txt").replace(
-        "<local>", shlex.quote(str(tmp_path / "down.txt")))
+    down = (
+        cmds["scp_from_guest"]
+        .replace("<remote>", "/root/up.txt")
+        .replace("<local>", shlex.quote(str(tmp_path / "down.txt")))
+    )
     assert subprocess.run(down, shell=True, capture_output=True, timeout=60).returncode == 0
     assert (tmp_path / "down.txt").read_text() == "scp works"
     mgr_cmds = vm.manager.get_ssh_commands(vm.vm_id, ssh_user="root", public_host="example.org")
@@ -260,8 +302,14 @@ def test_wrong_host_key_is_refused(pair):
 
     vm = pair["ssh"]
     other = HostKey.generate()
-    t = SSHTransport("127.0.0.1", vm.info.network.ssh_host_port, key_path=vm.data_dir / "keys/id_ed25519",
-                     host_key_alias="x", host_public_key=other.public_line, vm_id=vm.vm_id)
+    t = SSHTransport(
+        "127.0.0.1",
+        vm.info.network.ssh_host_port,
+        key_path=vm.data_dir / "keys/id_ed25519",
+        host_key_alias="x",
+        host_public_key=other.public_line,
+        vm_id=vm.vm_id,
+    )
     with pytest.raises(SmolVMError):
         t.wait_ready(3)
     t.close()

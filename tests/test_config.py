@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from smolvm import ValidationError, VMConfig
+from smolvm.runtime.spec import merge_boot_args
 from smolvm.types import VM_ID_RE, CommandResult
-from smolvm.vm import merge_boot_args
 
 
 @pytest.mark.parametrize(
@@ -62,16 +62,47 @@ def test_assignment_is_validated():
         c.mem_size_mib = 1
 
 
-@given(st.text(min_size=1, max_size=70))
-def test_vm_id_accepted_iff_pattern(vm_id: str):
-    ok = bool(VM_ID_RE.match(vm_id)) and "\n" not in vm_id
+def _valid_vm_id(vm_id: str) -> bool:
+    """The documented rule, written out independently of the validator's regex: 1-63
+    characters of ASCII letters, digits, '-' or '_', starting with a letter or digit."""
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+    return 1 <= len(vm_id) <= 63 and all(ch in allowed for ch in vm_id) and vm_id[0] not in "-_"
+
+
+@given(st.one_of(st.text(min_size=0, max_size=70), st.text(alphabet="aZ09-_\n./ é", min_size=0, max_size=70)))
+def test_vm_id_accepted_iff_documented_rule(vm_id: str):
     try:
         VMConfig(vm_id=vm_id)
         accepted = True
     except ValidationError as e:
         assert e.field == "vm_id"
         accepted = False
-    assert accepted == ok
+    assert accepted == _valid_vm_id(vm_id), repr(vm_id)
+
+
+@pytest.mark.parametrize(
+    "vm_id,ok",
+    [
+        ("a", True),
+        ("a" * 63, True),
+        ("a" * 64, False),
+        ("-a", False),
+        ("_a", False),
+        ("a.b", False),
+        ("a/b", False),
+        ("", False),
+        ("abc\n", False),
+        ("é", False),
+        ("A-b_9", True),
+    ],
+)
+def test_vm_id_examples(vm_id: str, ok: bool):
+    assert _valid_vm_id(vm_id) is ok
+    if ok:
+        assert VMConfig(vm_id=vm_id).vm_id == vm_id
+    else:
+        with pytest.raises(ValidationError):
+            VMConfig(vm_id=vm_id)
 
 
 def test_command_result_properties():

@@ -15,8 +15,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def run_example(name: str, data_dir: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "SMOLVM_DATA_DIR": str(data_dir), **(extra_env or {})}
-    return subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def no_vms_left(data_dir: Path) -> bool:
@@ -71,8 +72,11 @@ def test_builtin_guards(tmp_path, default_image):
 
 
 def test_prompt_injection_guard_with_local_model(tmp_path, default_image, injection_model_dir):
-    p = run_example("prompt_injection_guard.py", tmp_path,
-                    {"SMOLVM_INJECTION_MODEL": str(injection_model_dir), "HF_HUB_OFFLINE": "1"})
+    p = run_example(
+        "prompt_injection_guard.py",
+        tmp_path,
+        {"SMOLVM_INJECTION_MODEL": str(injection_model_dir), "HF_HUB_OFFLINE": "1"},
+    )
     assert p.returncode == 0, p.stderr
     assert "Prompt injection detected (malicious" in p.stdout
     assert no_vms_left(tmp_path)

@@ -23,25 +23,25 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from firecracker_conformance import (  # noqa: E402
+from firecracker_conformance import (
     HERE as CONFORMANCE_DIR,
+)
+from firecracker_conformance import (
     install_fake_firecracker,
     read_requests,
     record_path_for,
 )
-from firecracker_conformance.server import FakeFirecracker  # noqa: E402
-
-from smolvm.backends.base import DiskSpec, LaunchSpec, NetSpec  # noqa: E402
-from smolvm.backends.firecracker import (  # noqa: E402
+from firecracker_conformance.server import FakeFirecracker
+from smolvm.backends.base import DiskSpec, LaunchSpec, NetSpec
+from smolvm.backends.firecracker import (
     ENV_BIN,
     FirecrackerBackend,
     firecracker_instance_id,
-    snapshot_files,
     vsock_connect,
 )
-from smolvm.backends.firecracker_api import FirecrackerAPI  # noqa: E402
-from smolvm.exceptions import BackendError, ImageError, NetworkError, SnapshotError  # noqa: E402
-from smolvm.host.kvm import KVMProbe  # noqa: E402
+from smolvm.backends.firecracker_api import FirecrackerAPI
+from smolvm.exceptions import BackendError, ImageError, NetworkError, SnapshotError
+from smolvm.host.kvm import KVMProbe
 
 BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off init=/init smolvm.x=1"
 USABLE = KVMProbe(True, True, "test: KVM assumed usable")
@@ -304,112 +304,6 @@ def test_pause_resume(backend, short_dir, pids):
     ]
 
 
-def test_save_state(backend, short_dir, pids):
-    spec = make_spec(short_dir / "vm1")
-    pids.append(backend.launch(spec))
-    state = short_dir / "snaps" / "s1" / "state"
-    backend.save_state(spec, state)
-    vmstate, mem, meta = snapshot_files(state)
-    assert vmstate.is_file() and mem.is_file() and meta.is_file()
-    assert mem.stat().st_size == 256 << 20  # the whole guest memory (sparse here)
-    assert instance_state(spec) == "Paused"  # save_state leaves the VM paused
-    r = reqs(spec)
-    assert [(x["method"], x["path"]) for x in r[-2:]] == [("PATCH", "/vm"), ("PUT", "/snapshot/create")]
-    assert r[-2]["body"] == {"state": "Paused"}
-    assert r[-1]["body"] == {"snapshot_type": "Full", "snapshot_path": str(vmstate), "mem_file_path": str(mem)}
-    assert all(x["status"] == 204 for x in r)
-    m = json.loads(meta.read_text())
-    assert m["agent_socket"] == str(spec.agent_socket) and m["mem_mib"] == 256
-    assert [d["id"] for d in m["disks"]] == ["d0", "cfg"]
-
-
-def _saved_vm(backend, short_dir, pids, **kw):
-    spec = make_spec(short_dir / "src", **kw)
-    pid = backend.launch(spec)
-    pids.append(pid)
-    state = short_dir / "snaps" / "s1" / "state"
-    backend.save_state(spec, state)
-    return spec, pid, state
-
-
-def test_restore_sequence(backend, short_dir, pids):
-    src, pid, state = _saved_vm(backend, short_dir, pids)
-    os.killpg(pid, signal.SIGKILL)
-    assert wait_dead(pid)
-    spec = make_spec(short_dir / "src", incoming=state)  # same paths as the saved VM
-    spec.control_socket = short_dir / "src" / "api2.sock"
-    new = backend.launch(spec)
-    pids.append(new)
-    assert calls(spec) == [("PUT", "/logger"), ("PUT", "/snapshot/load")]
-    load = reqs(spec)[-1]
-    assert load["status"] == 204
-    vmstate, mem, _ = snapshot_files(state)
-    assert load["body"] == {
-        "snapshot_path": str(vmstate),
-        "mem_backend": {"backend_type": "File", "backend_path": str(mem)},
-        "resume_vm": True,
-    }
-    assert instance_state(spec) == "Running"
-    assert src.agent_socket.exists()
-    backend.wait_incoming(spec)  # no-op: the load was synchronous
-    assert backend.status(spec) == "running"
-
-
-def test_restore_clone_with_new_paths(backend, short_dir, pids):
-    src, pid, state = _saved_vm(backend, short_dir, pids)
-    backend.resume(src)  # the original keeps running and keeps its agent socket
-    spec = make_spec(short_dir / "clone", incoming=state)  # new socket + own disk copies
-    pids.append(backend.launch(spec))
-    c = reqs(spec)
-    assert [(r["method"], r["path"]) for r in c] == [
-        ("PUT", "/logger"),
-        ("PUT", "/snapshot/load"),
-        ("PATCH", "/drives/d0"),
-        ("PATCH", "/drives/cfg"),
-        ("PATCH", "/vm"),
-    ]
-    assert all(r["status"] == 204 for r in c), c
-    load = c[1]["body"]
-    assert load["vsock_override"] == {"uds_path": str(spec.agent_socket)}
-    assert load["resume_vm"] is False  # resumed only after the disks were switched
-    assert c[2]["body"] == {"drive_id": "d0", "path_on_host": str(spec.disks[0].path)}
-    assert c[4]["body"] == {"state": "Resumed"}
-    assert instance_state(spec) == "Running" and instance_state(src) == "Running"
-    assert spec.agent_socket.exists()
-
-
-def test_restore_paused(fake_bin, short_dir, pids):
-    b = FirecrackerBackend(kvm_probe=lambda: USABLE, socket_wait=15, restore_paused=True)
-    src, pid, state = _saved_vm(b, short_dir, pids)
-    os.killpg(pid, signal.SIGKILL)
-    assert wait_dead(pid)
-    spec = make_spec(short_dir / "src", incoming=state)
-    spec.control_socket = short_dir / "src" / "api2.sock"
-    pids.append(b.launch(spec))
-    assert reqs(spec)[-1]["body"]["resume_vm"] is False
-    assert instance_state(spec) == "Paused"
-    b.resume(spec)
-    assert instance_state(spec) == "Running"
-
-
-def test_restore_with_missing_memory_file(backend, short_dir, pids):
-    src, pid, state = _saved_vm(backend, short_dir, pids)
-    snapshot_files(state)[1].unlink()
-    spec = make_spec(short_dir / "clone", incoming=state)
-    with pytest.raises(SnapshotError, match="guest memory"):
-        backend.launch(spec)
-
-
-def test_failed_restore_kills_the_process(backend, short_dir, pids):
-    src, pid, state = _saved_vm(backend, short_dir, pids)
-    snapshot_files(state)[1].write_bytes(b"truncated")  # wrong size: Firecracker refuses
-    spec = make_spec(short_dir / "clone", incoming=state)
-    with pytest.raises(BackendError, match="Failed to restore from snapshot"):
-        backend.launch(spec)
-    with pytest.raises(BackendError, match="cannot talk to"):
-        FirecrackerAPI(spec.control_socket, timeout=0.5).get("/")
-
-
 def test_request_shutdown_sends_ctrl_alt_del(backend, short_dir, pids):
     spec = make_spec(short_dir / "vm1")
     pid = backend.launch(spec)
@@ -574,7 +468,9 @@ def fake(short_dir):
     serial.close()
 
 
-@pytest.mark.parametrize("method,path,body,fault", NEG, ids=[f"{m} {p} {i}" for i, (m, p, _, _) in enumerate(NEG)])
+@pytest.mark.parametrize(
+    "method,path,body,fault", NEG, ids=[f"{m} {p} {i}" for i, (m, p, _, _) in enumerate(NEG)]
+)
 def test_server_rejects_nonconforming_requests(fake, method, path, body, fault):
     raw = json.dumps(body).encode() if body is not None else b""
     status, answer = fake.handle(method, path, raw)
@@ -607,7 +503,9 @@ def test_server_state_rules(fake, short_dir):
     kernel.write_bytes(b"k")
     assert "before starting" in _err(fake, "PATCH", "/vm", {"state": "Paused"})
     assert "before starting" in _err(fake, "PUT", "/actions", {"action_type": "SendCtrlAltDel"})
-    assert "before starting" in _err(fake, "PUT", "/snapshot/create", {"snapshot_path": "/tmp/a", "mem_file_path": "/tmp/b"})
+    assert "before starting" in _err(
+        fake, "PUT", "/snapshot/create", {"snapshot_path": "/tmp/a", "mem_file_path": "/tmp/b"}
+    )
     assert "without kernel configuration" in _err(fake, "PUT", "/actions", {"action_type": "InstanceStart"})
     _ok(fake, "PUT", "/logger", {"level": "info"})  # logger does not block a later load
     _ok(fake, "PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128})
@@ -640,3 +538,13 @@ def test_server_rejects_over_http(fake, short_dir):
     assert "invalid type" in ei.value.details["fault_message"]
     assert api.put("/machine-config", {"vcpu_count": 1, "mem_size_mib": 128}) is None
     assert api.get("/machine-config")["mem_size_mib"] == 128
+
+
+def test_snapshots_are_refused_by_the_contract(backend, short_dir):
+    """Firecracker declares no snapshot support; the contract's calls say so, typed."""
+    assert backend.supports_snapshots is False and backend.disk_format == "raw"
+    spec = make_spec(short_dir / "vm1")
+    with pytest.raises(SnapshotError, match="cannot snapshot"):
+        backend.save_state(spec, short_dir / "state")
+    with pytest.raises(SnapshotError, match="does not restore"):
+        backend.launch(make_spec(short_dir / "vm2", incoming=short_dir / "state"))

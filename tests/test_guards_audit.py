@@ -8,7 +8,7 @@ import sqlite3
 import stat
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,14 @@ def _ctx(command: str = "echo hi", vm_id: str = "vm-a", timeout: int = 30) -> Ru
     return RunContext(vm_id=vm_id, command=command, shell="login", timeout=timeout)
 
 
-def _run(log: AuditLog, ctx: RunContext, exit_code: int = 0, out: bytes = b"hi\n", err: bytes = b"", duration: float = 0.0) -> None:
+def _run(
+    log: AuditLog,
+    ctx: RunContext,
+    exit_code: int = 0,
+    out: bytes = b"hi\n",
+    err: bytes = b"",
+    duration: float = 0.0,
+) -> None:
     log.on_pre_run(ctx)
     ctx.result = CommandResult.from_bytes(exit_code, out, err, duration)
     log.on_post_run(ctx)
@@ -107,15 +114,22 @@ def test_pre_run_hook_crash_is_error(tmp_path: Path) -> None:
     assert rec.status == "error" and "ValueError: bug in a callback" in (rec.error or "")
 
 
-def test_through_facade_dispatch(tmp_path: Path) -> None:
-    """smolvm.hooks (the facade's dispatcher) calls on_blocked for a veto."""
-    import smolvm.hooks as hooks
+@pytest.mark.e2e
+def test_through_facade_dispatch(shared_vm, tmp_path: Path) -> None:
+    """The facade's dispatcher calls on_blocked for a veto, on a real guest, whichever
+    order the guard and the log are registered in."""
+    from smolvm import SmolVM
+
     log = AuditLog(tmp_path / "a.db")
     guard = SafetyGuard()
     for cbs in ([log, guard], [guard, log]):
-        with pytest.raises(CommandBlockedError):
-            hooks.run_with_callbacks(cbs, _ctx("mkfs.ext4 /dev/vda"), lambda: CommandResult(0, "", ""))
-        hooks.run_with_callbacks(cbs, _ctx("echo ok"), lambda: CommandResult(0, "ok\n", "", 0.01))
+        vm = SmolVM.from_id(shared_vm.vm_id, data_dir=shared_vm.data_dir, callbacks=cbs)
+        try:
+            with pytest.raises(CommandBlockedError):
+                vm.run("mkfs.ext4 /dev/vda")
+            assert vm.run("echo ok").stdout == "ok\n"
+        finally:
+            vm.close()
     statuses = [r.status for r in log.query(oldest_first=True)]
     assert statuses == ["blocked", "ok", "blocked", "ok"]
     assert all("filesystem-format" in (r.blocked_by or "") for r in log.query(status="blocked"))
@@ -141,7 +155,7 @@ def test_query_filters(tmp_path: Path) -> None:
     assert len(log.query(status=["ok", "failed"])) == 6
     assert log.query(vm_id="nope") == []
     assert len(log.query(since=timedelta(minutes=1))) == 6
-    assert log.query(since=datetime.now(timezone.utc) + timedelta(seconds=5)) == []
+    assert log.query(since=datetime.now(UTC) + timedelta(seconds=5)) == []
     assert len(log.query(since=time.time() - 60)) == 6
     assert len(log.query(limit=None)) == 6
     with pytest.raises(ValidationError):
@@ -186,7 +200,13 @@ def test_automatic_pruning(tmp_path: Path) -> None:
 
 
 def test_validation(tmp_path: Path) -> None:
-    for kw in ({"retention_days": 0}, {"retention_days": -1}, {"max_rows": 0}, {"max_rows": 1.5}, {"prune_every": 0}):
+    for kw in (
+        {"retention_days": 0},
+        {"retention_days": -1},
+        {"max_rows": 0},
+        {"max_rows": 1.5},
+        {"prune_every": 0},
+    ):
         with pytest.raises(ValidationError):
             AuditLog(tmp_path / "a.db", **kw)  # type: ignore[arg-type]
     AuditLog(tmp_path / "a.db", retention_days=None, max_rows=None)
@@ -204,6 +224,7 @@ def test_file_mode_wal_and_state_schema(tmp_path: Path) -> None:
     conn.close()
     # the state store opens the same file and sees a current schema
     import smolvm.state as state
+
     store = state.StateStore(db)
     assert store.schema_version() == state.SCHEMA_VERSION
     assert store.connect().execute("SELECT COUNT(*) FROM audit_log").fetchone()[0] == 1

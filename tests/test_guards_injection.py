@@ -9,22 +9,19 @@ it under pytest's cache dir keyed by a hash of the training script, and loads it
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
+# The classifier extra is part of the test install (scripts/setup.sh): never skipped.
+import transformers
+
 from smolvm.callbacks import RunContext
 from smolvm.exceptions import CommandBlockedError, ValidationError
 from smolvm.guards.injection import PromptInjectionGuard
-
-# The classifier extra is part of the test install (scripts/setup.sh): never skipped.
-import torch  # noqa: E402
-import transformers  # noqa: E402
 
 _TRAIN_SCRIPT = Path(__file__).parent / "models" / "train_injection_model.py"
 
@@ -82,9 +79,13 @@ def test_blocks_held_out_injections(classifier, command: str) -> None:
     assert err.details["guard"] == "PromptInjectionGuard"
 
 
-@pytest.mark.parametrize("command", trainer.HELD_OUT_BENIGN + ["rm -rf ./build", "echo 'ignore this warning'"])
+@pytest.mark.parametrize(
+    "command", trainer.HELD_OUT_BENIGN + ["rm -rf ./build", "echo 'ignore this warning'"]
+)
 def test_allows_benign_commands(classifier, command: str) -> None:
-    PromptInjectionGuard(classifier).on_pre_run(_ctx(command))  # no exception
+    guard = PromptInjectionGuard(classifier)
+    assert guard.check(command) is None
+    guard.on_pre_run(_ctx(command))  # and the hook lets it through
 
 
 def test_seed_recipe_output_shape(classifier) -> None:
@@ -102,9 +103,15 @@ def test_threshold(classifier) -> None:
 
 def test_block_labels_case_insensitive(classifier) -> None:
     # A guard configured for another model's label names does not fire on "malicious"...
-    assert PromptInjectionGuard(classifier, block_labels={"INJECTION"}).check(trainer.HELD_OUT_INJECTIONS[0]) is None
+    assert (
+        PromptInjectionGuard(classifier, block_labels={"INJECTION"}).check(trainer.HELD_OUT_INJECTIONS[0])
+        is None
+    )
     # ...and labels are compared lower-cased.
-    assert PromptInjectionGuard(classifier, block_labels={"MALICIOUS"}).check(trainer.HELD_OUT_INJECTIONS[0]) is not None
+    assert (
+        PromptInjectionGuard(classifier, block_labels={"MALICIOUS"}).check(trainer.HELD_OUT_INJECTIONS[0])
+        is not None
+    )
 
 
 def test_long_command_windows(classifier) -> None:
@@ -144,18 +151,19 @@ def test_classifier_failure_fails_closed_or_open(caplog: pytest.LogCaptureFixtur
     PromptInjectionGuard(broken, fail_closed=False).on_pre_run(_ctx("ls"))
     assert "model crashed" in caplog.text
     with pytest.raises(CommandBlockedError):
-        PromptInjectionGuard(lambda text, **kw: [42]).on_pre_run(_ctx("ls"))  # wrong shape
+        # A deliberately malformed classifier (no real model returns this shape).
+        PromptInjectionGuard(lambda text, **kw: [42]).on_pre_run(_ctx("ls"))
 
 
 @pytest.mark.parametrize("threshold", [-0.1, 1.01, float("nan"), "0.5", True, None])
-def test_threshold_validation(threshold: object) -> None:
+def test_threshold_validation(classifier, threshold: object) -> None:
     with pytest.raises(ValidationError) as ei:
-        PromptInjectionGuard(lambda t, **kw: [{"label": "benign", "score": 1.0}], threshold=threshold)  # type: ignore[arg-type]
+        PromptInjectionGuard(classifier, threshold=threshold)  # type: ignore[arg-type]
     assert ei.value.field == "threshold"
 
 
-def test_other_validation() -> None:
-    ok = lambda t, **kw: [{"label": "benign", "score": 1.0}]  # noqa: E731
+def test_other_validation(classifier) -> None:
+    ok = classifier
     with pytest.raises(ValidationError):
         PromptInjectionGuard("not callable")  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
@@ -172,4 +180,5 @@ def test_module_import_loads_no_ml_library() -> None:
         "bad = [m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules];"
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -10,26 +10,25 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from smolvm import ImageBuilder, SmolVM, VMConfig
+from conftest import IMAGE_DIR
+from smolvm import ImageBuilder, VMConfig
 from smolvm.build import SSH_BOOT_ARGS
 from smolvm.exceptions import ImageError, ValidationError
 from smolvm.images.configdisk import build_config_disk
 from smolvm.images.cpio import CpioWriter
 from smolvm.images.kernel import extract_vmlinux
 
-from conftest import IMAGE_DIR
-
 
 def parse_newc(data: bytes) -> dict[str, tuple[int, bytes]]:
     out, off = {}, 0
     while True:
-        assert data[off:off + 6] == b"070701"
-        f = [int(data[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
+        assert data[off : off + 6] == b"070701"
+        f = [int(data[off + 6 + 8 * i : off + 14 + 8 * i], 16) for i in range(13)]
         mode, size, namesize = f[1], f[6], f[11]
-        name = data[off + 110: off + 110 + namesize - 1].decode()
+        name = data[off + 110 : off + 110 + namesize - 1].decode()
         off += 110 + namesize
         off += -off % 4
-        body = data[off: off + size]
+        body = data[off : off + size]
         off += size
         off += -off % 4
         if name == "TRAILER!!!":
@@ -52,7 +51,9 @@ def test_cpio_writer_roundtrip(tmp_path: Path):
 
 
 def test_config_disk_is_a_tar_the_guest_can_read(tmp_path: Path):
-    p = build_config_disk(tmp_path / "c.tar", {"hostname": "h1\n", "env.sh": "export A='b'\n"}, {"vm_id": "h1"})
+    p = build_config_disk(
+        tmp_path / "c.tar", {"hostname": "h1\n", "env.sh": "export A='b'\n"}, {"vm_id": "h1"}
+    )
     data = p.read_bytes()
     assert data[257:262] == b"ustar" and len(data) % 65536 == 0
     assert oct(p.stat().st_mode & 0o777) == oct(0o600)
@@ -94,10 +95,10 @@ def test_default_image_is_cached_and_well_formed(default_image):
 
 def test_input_change_changes_cache_key():
     b = ImageBuilder(IMAGE_DIR)
-    k1 = b._local_inputs_key(["a"], 1024, None, "debian")
-    assert k1 == b._local_inputs_key(["a"], 1024, None, "debian")
-    assert k1 != b._local_inputs_key(["a", "b"], 1024, None, "debian")
-    assert k1 != b._local_inputs_key(["a"], 2048, None, "debian")
+    k1 = b.local_inputs_key(["a"], 1024, None, "debian")
+    assert k1 == b.local_inputs_key(["a"], 1024, None, "debian")
+    assert k1 != b.local_inputs_key(["a", "b"], 1024, None, "debian")
+    assert k1 != b.local_inputs_key(["a"], 2048, None, "debian")
 
 
 def test_bad_image_names(tmp_path: Path):
@@ -121,10 +122,17 @@ def test_alpine_offline_names_the_mirror(tmp_path: Path, monkeypatch):
 def test_custom_debian_ssh_image_with_password(vms):
     """Seed 003's manual flow with our offline builder: build, configure, boot, log in."""
     builder = ImageBuilder(IMAGE_DIR)
-    kernel, rootfs = builder.build_debian_ssh(name="test-custom", ssh_password="secure-password",
-                                              rootfs_size_mb=1024)
-    config = VMConfig(vm_id="my-vm", vcpu_count=2, mem_size_mib=1024, kernel_path=kernel,
-                      rootfs_path=rootfs, boot_args=SSH_BOOT_ARGS)
+    kernel, rootfs = builder.build_debian_ssh(
+        name="test-custom", ssh_password="secure-password", rootfs_size_mb=1024
+    )
+    config = VMConfig(
+        vm_id="my-vm",
+        vcpu_count=2,
+        mem_size_mib=1024,
+        kernel_path=kernel,
+        rootfs_path=rootfs,
+        boot_args=SSH_BOOT_ARGS,
+    )
     vm = vms.sandbox(config)
     vm.start()
     assert vm.get_ip() == "10.0.2.15"
@@ -133,8 +141,15 @@ def test_custom_debian_ssh_image_with_password(vms):
     # Password login works on this image (the default image allows keys only).
     c = paramiko.SSHClient()
     c.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-    c.connect("127.0.0.1", vm.info.network.ssh_host_port, username="root", password="secure-password",
-              look_for_keys=False, allow_agent=False, timeout=30)
+    c.connect(
+        "127.0.0.1",
+        vm.info.network.ssh_host_port,
+        username="root",
+        password="secure-password",
+        look_for_keys=False,
+        allow_agent=False,
+        timeout=30,
+    )
     _, out, _ = c.exec_command("echo pw-ok")
     assert out.read().strip() == b"pw-ok"
     c.close()

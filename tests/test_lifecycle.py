@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from smolvm import SmolVM, SmolVMError, VMConfig, VMNotFoundError, VMState
-from smolvm.exceptions import InvalidStateError, VMAlreadyExistsError
-from smolvm import procs
-
 from conftest import qemu_pids_for
+from smolvm import SmolVM, SmolVMError, VMConfig, VMNotFoundError, VMState, procs
+from smolvm.exceptions import InvalidStateError, VMAlreadyExistsError
 
 pytestmark = pytest.mark.e2e
 
@@ -76,8 +74,15 @@ def test_manager_lifecycle_transitions(vms):
 
     mgr.delete(vm_id)
     left = _leftovers(mgr, vm_id, info)
-    assert left == {"process": [], "disk": False, "vm_dir": False, "sockets": [], "row": False,
-                    "ports": [], "resources": []}
+    assert left == {
+        "process": [],
+        "disk": False,
+        "vm_dir": False,
+        "sockets": [],
+        "row": False,
+        "ports": [],
+        "resources": [],
+    }
     with pytest.raises(VMNotFoundError):
         mgr.get(vm_id)
     with pytest.raises(VMNotFoundError):

@@ -18,17 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from smolvm import SmolVM, VMConfig
+from conftest import VMTracker, qemu_pids_for
+from smolvm import VMConfig
 from smolvm.exceptions import NetworkError
 from smolvm.network import NetworkManager
 from smolvm.network import tap as tapmod
 from smolvm.state import StateStore
 from smolvm.types import NetworkInfo
 
-from conftest import VMTracker, qemu_pids_for
-
 IS_ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="TAP/nftables need root")
+needs_root = pytest.mark.requires("root")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -137,8 +136,13 @@ def test_names_prefix_and_dns(tmp_path):
     rc.write_text("nameserver 127.0.0.53\n")
     assert tapmod.guest_dns("172.30.0.1", rc) == "172.30.0.1"  # no usable host resolver
 
-    net = NetworkInfo(mode="tap", guest_ip="172.30.0.6", gateway_ip="172.30.0.5",
-                      netmask="255.255.255.252", tap_device="smv-x")
+    net = NetworkInfo(
+        mode="tap",
+        guest_ip="172.30.0.6",
+        gateway_ip="172.30.0.5",
+        netmask="255.255.255.252",
+        tap_device="smv-x",
+    )
     arg = NetworkManager.kernel_arg(net)
     assert arg is not None and arg.startswith("smolvm.net=172.30.0.6/30,172.30.0.5,")
     user = NetworkInfo(mode="user", guest_ip="10.0.2.15", gateway_ip="10.0.2.2")
@@ -179,13 +183,20 @@ def test_allocate_and_release_host_side(tmp_path):
         dnat = [r for r in ruleset_rules() if any("dnat" in e for e in r["expr"])]
         assert dnat and all(r["chain"] == tapmod.CHAIN_OUTPUT for r in dnat)
         for r in dnat:
-            assert {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
-                              "right": "127.0.0.1"}} in r["expr"]
-        out = subprocess.run(["nft", "list", "chain", "ip", "smolvm", "nat_postrouting"],
-                             capture_output=True, text=True).stdout
+            assert {
+                "match": {
+                    "op": "==",
+                    "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                    "right": "127.0.0.1",
+                }
+            } in r["expr"]
+        out = subprocess.run(
+            ["nft", "list", "chain", "ip", "smolvm", "nat_postrouting"], capture_output=True, text=True
+        ).stdout
         assert f'ip saddr {a.guest_ip} oifname != "smv-*" masquerade' in out
-        fwd = subprocess.run(["nft", "list", "chain", "ip", "smolvm", "forward"],
-                             capture_output=True, text=True).stdout
+        fwd = subprocess.run(
+            ["nft", "list", "chain", "ip", "smolvm", "forward"], capture_output=True, text=True
+        ).stdout
         assert fwd.count(tapmod.ISOLATE_TAG) == 1  # added once, shared
         assert 'iifname "smv-*" oifname "smv-*" counter' in fwd
 
@@ -193,7 +204,7 @@ def test_allocate_and_release_host_side(tmp_path):
         tapmod.release_tap(st, "vm-ta1", a)  # idempotent
         st.release_ports("vm-ta1")
         assert leftovers(st, "vm-ta1", a) == CLEAN
-        assert b.tap_device in links() and rules_mentioning(f"smolvm:vm-ta2:")
+        assert b.tap_device in links() and rules_mentioning("smolvm:vm-ta2:")
     finally:
         for v, n in (("vm-ta1", a), ("vm-ta2", b)):
             tapmod.release_tap(st, v, n)
@@ -259,9 +270,15 @@ def test_concurrent_allocations_across_processes_and_stores(tmp_path):
     dbs = [tmp_path / "a" / "state.db"] * 4 + [tmp_path / "b" / "state.db"] * 2
     for db in set(dbs):
         StateStore(db).close()
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(db), f"vm-cc{i}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i, db in enumerate(dbs)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(db), f"vm-cc{i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, db in enumerate(dbs)
+    ]
     nets = []
     try:
         for p in procs:
@@ -322,7 +339,7 @@ def test_host_reaches_guest_directly_and_through_forward(tap_pair):
     vm.run(f"mkdir -p /tmp/www && echo hello-from-{vm.vm_id} > /tmp/www/index.html", shell="raw")
     h = vm.spawn(f"exec busybox httpd -f -p {ip}:8080 -h /tmp/www", shell="raw")
     try:
-        assert http_get(ip, 8080).strip() == f"hello-from-{vm.vm_id}"       # routed via the TAP
+        assert http_get(ip, 8080).strip() == f"hello-from-{vm.vm_id}"  # routed via the TAP
         assert http_get("127.0.0.1", tap_pair["port"]).strip() == f"hello-from-{vm.vm_id}"  # DNAT
     finally:
         h.kill()
@@ -403,7 +420,7 @@ def test_restart_recreates_tap_lost_with_a_host_reboot(vms):
     vm = vms.sandbox(VMConfig(network="tap")).start()
     net = vm.info.network
     vm.stop()
-    tapmod.delete_tap_device(net.tap_device)          # what a host reboot does to the TAP
+    tapmod.delete_tap_device(net.tap_device)  # what a host reboot does to the TAP
     tapmod.delete_nft_rules(tapmod.rule_tag(vm.vm_id, net.tap_device))
     assert net.tap_device not in links()
     vm.start()

@@ -15,9 +15,8 @@ import pytest
 
 from smolvm import SmolVM, SmolVMManager, VMConfig, VMState
 from smolvm.exceptions import InvalidStateError, ValidationError
-from smolvm.pool import WarmPool, default_pool
+from smolvm.pools import WarmPool, default_pool
 from smolvm.state import StateStore
-
 from test_snapshots import guest_time_skew, no_leftovers, qemu_pids_for
 
 
@@ -34,7 +33,7 @@ def test_claims_are_atomic_across_processes(tmp_path: Path) -> None:
     db = tmp_path / "state.db"
     store = StateStore(db)
     ids = [f"vm-{i:03d}" for i in range(60)]
-    for i, vm_id in enumerate(ids):
+    for vm_id in ids:
         store.insert_vm(vm_id, status="paused", backend="qemu", config={}, pool="k#1", pool_owner="1:1")
     store.insert_vm("other", status="paused", backend="qemu", config={}, pool="k#2")
     store.insert_vm("busy", status="running", backend="qemu", config={}, pool="k#1")
@@ -50,8 +49,8 @@ def test_claims_are_atomic_across_processes(tmp_path: Path) -> None:
     assert sorted(claimed) == ids  # all of them, none twice
     for vm_id in ids:
         row = store.get_vm(vm_id)
-        assert row["pool"] is None and row["pool_owner"] is None
-    assert store.get_vm("other")["pool"] == "k#2"
+        assert row.pool is None and row.pool_owner is None
+    assert store.get_vm("other").pool == "k#2"
     assert store.claim_pool_vm("k#1") is None
     assert store.claim_vm("other") and not store.claim_vm("other")
 
@@ -127,7 +126,7 @@ def test_pool_from_user_snapshot(vms) -> None:
     pool = WarmPool(1, snapshot="seeded", data_dir=vms.data_dir)
     try:
         assert pool.wait_ready(timeout=120), pool.stats()
-        vm = pool.sandbox()
+        vm = SmolVM(pool=pool)
         vms.vm_ids.append(vm.vm_id)
         with vm:
             assert vm.info.snapshot == "seeded"
@@ -164,14 +163,19 @@ def test_pool_of_a_dead_process_is_reaped(vms) -> None:
     """A process that dies without draining leaves paused VMs; reconcile() removes them."""
     script = textwrap.dedent(f"""
         import json, os, sys
-        from smolvm.pool import WarmPool
+        from smolvm.pools import WarmPool
         p = WarmPool(1, data_dir={str(vms.data_dir)!r})
         assert p.wait_ready(timeout=120), p.stats()
         print(json.dumps([v.vm_id for v in p.vms()]), flush=True)
         os._exit(0)  # no atexit drain: like a crash
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "SMOLVM_DATA_DIR": str(vms.data_dir)})
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SMOLVM_DATA_DIR": str(vms.data_dir)},
+    )
     assert out.returncode == 0, out.stderr
     orphans = json.loads(out.stdout.strip().splitlines()[-1])
     vms.vm_ids += orphans

@@ -21,11 +21,8 @@ from smolvm.exceptions import (
     SnapshotNotFoundError,
     ValidationError,
 )
-from smolvm.snapshots import (
-    image_snapshot_ref,
-    write_qcow2_overlay,
-)
-
+from smolvm.runtime.overlay import write_overlay
+from smolvm.snapshots import image_snapshot_ref
 
 
 def qemu_pids_for(vm_id: str) -> list[int]:
@@ -69,34 +66,52 @@ def test_qcow2_overlay_is_valid_for_qemu_img(tmp_path: Path) -> None:
         f.truncate(64 * 1024 * 1024)
     mid = tmp_path / "mid.qcow2"
     top = tmp_path / "top.qcow2"
-    write_qcow2_overlay(mid, base)
-    write_qcow2_overlay(top, mid, size=128 * 1024 * 1024)
+    write_overlay(mid, base)
+    write_overlay(top, mid, size_bytes=128 * 1024 * 1024)
     for img, backing, fmt, size in ((mid, base, "raw", 64), (top, mid, "qcow2", 128)):
         assert subprocess.run(["qemu-img", "check", str(img)], capture_output=True).returncode == 0
-        info = subprocess.run(["qemu-img", "info", "--output=json", str(img)], capture_output=True,
-                              text=True, check=True).stdout
+        info = subprocess.run(
+            ["qemu-img", "info", "--output=json", str(img)], capture_output=True, text=True, check=True
+        ).stdout
         import json
 
         data = json.loads(info)
         assert data["backing-filename"] == str(backing)
         assert data["backing-filename-format"] == fmt
         assert data["virtual-size"] == size * 1024 * 1024
-    subprocess.run(["qemu-io", "-c", "write -P 0xab 1M 2M", "-c", "read -P 0xab 1M 2M",
-                    "-c", "read -P 0 100M 64k", str(top)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "qemu-io",
+            "-c",
+            "write -P 0xab 1M 2M",
+            "-c",
+            "read -P 0xab 1M 2M",
+            "-c",
+            "read -P 0 100M 64k",
+            str(top),
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert subprocess.run(["qemu-img", "check", str(top)], capture_output=True).returncode == 0
 
 
 def test_image_snapshot_key_follows_the_config(data_dir: Path, default_image) -> None:
     with SmolVMManager(data_dir=data_dir) as mgr:
+
         def ref(**kw):
-            return image_snapshot_ref(mgr, mgr._resolve_image(VMConfig(**kw)))
+            return image_snapshot_ref(mgr, mgr.resolve_image(VMConfig(**kw)))
 
         base = ref()
         assert base is not None and base.startswith("image:default/")
         assert ref() == base  # stable
         assert ref(env_vars={"A": "1"}, port_forwards={18080: 80}) == base  # pushed at restore
-        keys = {ref(mem_size_mib=1024), ref(vcpu_count=2), ref(network="none"),
-                ref(boot_args="console=ttyS0 reboot=k panic=1 pci=off init=/init quiet2")}
+        keys = {
+            ref(mem_size_mib=1024),
+            ref(vcpu_count=2),
+            ref(network="none"),
+            ref(boot_args="console=ttyS0 reboot=k panic=1 pci=off init=/init quiet2"),
+        }
         assert base not in keys and len(keys) == 4
 
 
@@ -146,9 +161,13 @@ def test_default_sandbox_is_restored_with_its_own_identity(vms) -> None:
         # Own SSH host key (written in the background after the first command).
         for vm in (a, b):
             want = (vms.manager.vm_dir(vm.vm_id) / "ssh_host_key").read_bytes()
-            got = wait_for(lambda vm=vm: vm.run(
-                "cat /etc/dropbear/dropbear_ed25519_host_key | base64 -w0", shell="raw").output
-                == __import__("base64").b64encode(want).decode(), 15)
+            got = wait_for(
+                lambda vm=vm, want=want: (
+                    vm.run("cat /etc/dropbear/dropbear_ed25519_host_key | base64 -w0", shell="raw").output
+                    == __import__("base64").b64encode(want).decode()
+                ),
+                15,
+            )
             assert got, f"{vm.vm_id}: host key not replaced"
             assert wait_for(lambda vm=vm: vm.run("pidof dropbear", shell="raw").ok, 15)
             assert vm.run("cat /etc/hostname").output == vm.vm_id
@@ -234,8 +253,9 @@ def test_cold_booted_vm_snapshot_maps_memory_file(vms) -> None:
         assert vm.run("hostname").output == vm.vm_id
         assert guest_time_skew(vm) <= 2
         # Idle RSS stays small: untouched guest pages are never loaded.
-        rss = int(next(line.split()[1] for line in open(f"/proc/{vm.info.pid}/status")
-                       if line.startswith("VmRSS")))
+        rss = int(
+            next(line.split()[1] for line in open(f"/proc/{vm.info.pid}/status") if line.startswith("VmRSS"))
+        )
         assert rss < 200 * 1024, f"restored VM RSS {rss} KiB"
     mgr.delete(restored.vm_id)
     no_leftovers(mgr, [src.vm_id, restored.vm_id])
@@ -281,8 +301,10 @@ def test_restore_with_port_forward_and_stop_start(vms) -> None:
         port = s.getsockname()[1]
     with vms.sandbox(VMConfig(port_forwards={port: 8000})) as vm:
         assert vm.info.snapshot
-        vm.run("mkdir -p /tmp/www && echo pong > /tmp/www/index.html && "
-               "busybox httpd -p 8000 -h /tmp/www", shell="raw")
+        vm.run(
+            "mkdir -p /tmp/www && echo pong > /tmp/www/index.html && busybox httpd -p 8000 -h /tmp/www",
+            shell="raw",
+        )
         got = b""
         deadline = time.monotonic() + 15
         while b"pong" not in got and time.monotonic() < deadline:
@@ -337,7 +359,7 @@ def test_broken_image_snapshot_falls_back_to_cold_boot(vms, tmp_path: Path, monk
     monkeypatch.setenv("SMOLVM_IMAGE_DIR", str(images))
     data = tmp_path / "d2"
     with SmolVMManager(data_dir=data) as m:
-        ref2 = image_snapshot_ref(m, m._resolve_image(VMConfig()))  # keyed by the image's path
+        ref2 = image_snapshot_ref(m, m.resolve_image(VMConfig()))  # keyed by the image's path
     key = ref2.rsplit("/", 1)[1]
     snap = images / "default" / "snapshots" / key
     sh.copytree(src / "snapshots" / ref.rsplit("/", 1)[1], snap)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from smolvm import VMAlreadyExistsError, VMNotFoundError
+from smolvm import VMAlreadyExistsError, VMNotFoundError, VMState
 from smolvm.state import SCHEMA_VERSION, StateStore
 
 
@@ -42,8 +42,8 @@ def test_vm_rows(tmp_path: Path):
     with pytest.raises(VMAlreadyExistsError):
         s.insert_vm("a", status="created", backend="qemu", config={})
     s.update_vm("a", status="running", pid=5)
-    assert s.get_vm("a")["status"] == "running"
-    assert [r["vm_id"] for r in s.list_vms("running")] == ["a"]
+    assert s.get_vm("a").status is VMState.RUNNING
+    assert [r.vm_id for r in s.list_vms("running")] == ["a"]
     with pytest.raises(VMNotFoundError):
         s.get_vm("b")
     with pytest.raises(VMNotFoundError):

@@ -1,6 +1,7 @@
 """Image building entry points (compatible with ``smolvm.build`` of the public API)."""
 
-from smolvm.images.builder import ImageArtifacts, ImageBuilder
+from smolvm.images.artifacts import ImageArtifacts
+from smolvm.images.builder import ImageBuilder
 from smolvm.types import DEFAULT_BOOT_ARGS
 
 #: Kernel arguments for images with SSH: serial console, reboot on panic, and our init

@@ -42,8 +42,7 @@ class VMNotFoundError(SmolVMError, LookupError):
 
     def __init__(self, vm_id: str, message: str | None = None) -> None:
         super().__init__(
-            message
-            or f"VM {vm_id!r} not found. Run `smolvm list` to see existing VMs.",
+            message or f"VM {vm_id!r} not found. Run `smolvm list` to see existing VMs.",
             {"vm_id": vm_id},
         )
         self.vm_id = vm_id
@@ -88,7 +87,9 @@ class SnapshotNotFoundError(SnapshotError, LookupError):
 class OperationTimeoutError(SmolVMError, TimeoutError):
     """An operation (boot, command, stop) did not finish within its timeout (seconds)."""
 
-    def __init__(self, message: str, timeout: float | None = None, details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, message: str, timeout: float | None = None, details: dict[str, Any] | None = None
+    ) -> None:
         d = dict(details or {})
         if timeout is not None:
             d.setdefault("timeout", timeout)
@@ -126,6 +127,24 @@ class CommandBlockedError(SmolVMError):
         self.command = command
 
 
+class AgentError(TransportError):
+    """The guest agent refused or failed an operation (``errno`` is the guest's errno, or 0)."""
+
+    def __init__(self, message: str, err: int = 0, details: dict[str, Any] | None = None) -> None:
+        d = dict(details or {})
+        d.setdefault("errno", err)
+        super().__init__(message, d)
+        self.errno: int | None = err
+
+
+class GuestFileNotFoundError(AgentError, FileNotFoundError):
+    """A guest path does not exist (also catchable as ``FileNotFoundError``)."""
+
+
+class StateError(SmolVMError):
+    """The state database is unreadable, locked for too long, or from a newer SmolVM."""
+
+
 __all__ = [
     "SmolVMError",
     "ValidationError",
@@ -142,4 +161,7 @@ __all__ = [
     "CommandExecutionUnavailableError",
     "TransportError",
     "CommandBlockedError",
+    "AgentError",
+    "GuestFileNotFoundError",
+    "StateError",
 ]

@@ -8,15 +8,16 @@ written to a per-VM known_hosts under a ``HostKeyAlias``, so neither paramiko no
 from __future__ import annotations
 
 import base64
-import fcntl
 import os
-import tempfile
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from smolvm.locks import file_lock
 
 
 def _ssh_string(b: bytes) -> bytes:
@@ -41,8 +42,9 @@ class HostKey:
     @classmethod
     def generate(cls) -> HostKey:
         key = Ed25519PrivateKey.generate()
-        seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                 serialization.NoEncryption())
+        seed = key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
         pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         # Dropbear's ed25519 key file: string "ssh-ed25519", string(seed || public).
         dropbear = _ssh_string(b"ssh-ed25519") + _ssh_string(seed + pub)
@@ -67,16 +69,23 @@ def ensure_client_key(keys_dir: Path) -> tuple[Path, str]:
     if not priv.exists() or not pub.exists():
         keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Many processes/threads may start VMs at once: exactly one creates the key pair.
-        with open(keys_dir / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(keys_dir / ".lock"):
             if not priv.exists() or not pub.exists():
                 key = Ed25519PrivateKey.generate()
-                line = key.public_key().public_bytes(
-                    serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+                line = (
+                    key.public_key()
+                    .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+                    .decode()
+                )
                 _write_private(pub, (line + " smolvm\n").encode())
                 pub.chmod(0o644)
-                _write_private(priv, key.private_bytes(
-                    serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                    serialization.NoEncryption()))
+                _write_private(
+                    priv,
+                    key.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.OpenSSH,
+                        serialization.NoEncryption(),
+                    ),
+                )
     os.chmod(priv, 0o600)
     return priv, pub.read_text().strip()

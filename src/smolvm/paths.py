@@ -11,6 +11,8 @@ import os
 import threading
 from pathlib import Path
 
+from smolvm.exceptions import ValidationError
+
 
 def _writable(p: Path) -> bool:
     try:
@@ -38,8 +40,6 @@ def resolve_data_dir(data_dir: Path | str | None = None) -> Path:
     for c in candidates:
         if _writable(c):
             return c.resolve()
-    from smolvm.exceptions import ValidationError
-
     raise ValidationError(
         f"no writable data directory among {[str(c) for c in candidates]}; "
         "set SMOLVM_DATA_DIR to a writable path",

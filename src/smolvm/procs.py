@@ -14,7 +14,7 @@ def _stat_fields(pid: int) -> list[str] | None:
     except OSError:
         return None
     # comm may contain spaces/parens: split after the last ')'.
-    return raw[raw.rindex(")") + 2:].split()
+    return raw[raw.rindex(")") + 2 :].split()
 
 
 def start_time(pid: int) -> int | None:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from smolvm.exceptions import ValidationError
 
-VM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+VM_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")  # \Z: no trailing newline
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 #: Kernel arguments used when a config gives none: serial console, reboot on panic,
@@ -23,7 +23,7 @@ ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off init=/init"
 
 
-class VMState(str, Enum):
+class VMState(str, Enum):  # noqa: UP042 - str() of members is public behaviour; StrEnum changes it
     """Lifecycle state of a VM as recorded in the state store."""
 
     CREATED = "created"
@@ -134,9 +134,7 @@ class VMConfig(_Model):
     def _check_ports(cls, v: dict[int, int]) -> dict[int, int]:
         for hp, gp in v.items():
             if not (1024 <= int(hp) <= 65535) or not (1 <= int(gp) <= 65535):
-                raise ValueError(
-                    f"port forward {hp}->{gp}: host port must be 1024-65535, guest 1-65535"
-                )
+                raise ValueError(f"port forward {hp}->{gp}: host port must be 1024-65535, guest 1-65535")
         return v
 
 

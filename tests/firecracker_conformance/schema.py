@@ -47,8 +47,10 @@ DEFINITIONS: dict[str, dict[str, Any]] = {
         "strict": True,
         "properties": {
             "log_path": {"type": "string"},
-            "level": {"type": "string",
-                      "enum_ci": ["Error", "Warning", "Warn", "Info", "Debug", "Trace", "Off"]},
+            "level": {
+                "type": "string",
+                "enum_ci": ["Error", "Warning", "Warn", "Info", "Debug", "Trace", "Off"],
+            },
             "show_level": {"type": "boolean"},
             "show_log_origin": {"type": "boolean"},
             "module": {"type": "string"},
@@ -212,7 +214,11 @@ ENDPOINTS: dict[tuple[str, str], dict[str, Any]] = {
     ("PUT", "/boot-source"): {"body": "BootSource", "phase": "preboot", "boot_path": True},
     ("PUT", "/drives/{drive_id}"): {"body": "Drive", "phase": "preboot", "boot_path": True},
     ("PATCH", "/drives/{drive_id}"): {"body": "PartialDrive", "phase": "postboot"},
-    ("PUT", "/network-interfaces/{iface_id}"): {"body": "NetworkInterface", "phase": "preboot", "boot_path": True},
+    ("PUT", "/network-interfaces/{iface_id}"): {
+        "body": "NetworkInterface",
+        "phase": "preboot",
+        "boot_path": True,
+    },
     ("PUT", "/vsock"): {"body": "Vsock", "phase": "preboot", "boot_path": True},
     ("PUT", "/actions"): {"body": "InstanceActionInfo", "phase": "any"},
     ("PATCH", "/vm"): {"body": "Vm", "phase": "postboot"},
@@ -233,8 +239,7 @@ MSG_DRIVE_ID_MISMATCH = "The id from the path does not match the id from the bod
 MSG_IFACE_ID_MISMATCH = "The id from the path [{}] does not match the id from the body [{}]!"
 MSG_NO_KERNEL = "Start microvm error: Cannot start microvm without kernel configuration."
 MSG_LOAD_AFTER_CONFIG = (
-    "Load snapshot error: Loading a microVM snapshot not allowed after configuring "
-    "boot-specific resources."
+    "Load snapshot error: Loading a microVM snapshot not allowed after configuring boot-specific resources."
 )
 MSG_EMPTY_BODY = "Empty {} request."
 MSG_BAD_PATH = "Invalid request method and/or path: {} {}."

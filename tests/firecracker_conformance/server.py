@@ -47,8 +47,8 @@ from typing import Any, BinaryIO
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from firecracker_conformance import schema as S  # noqa: E402
-from firecracker_conformance.validator import validate  # noqa: E402
+from firecracker_conformance import schema as S
+from firecracker_conformance.validator import validate
 
 VERSION = "1.17.0-conformance"
 _API_ID = re.compile(r"^[A-Za-z0-9_]+$")
@@ -75,7 +75,7 @@ def _match(template: str, path: str) -> dict[str, str] | None:
     if len(t_parts) != len(p_parts):
         return None
     params: dict[str, str] = {}
-    for t, p in zip(t_parts, p_parts):
+    for t, p in zip(t_parts, p_parts, strict=True):
         if t.startswith("{") and t.endswith("}"):
             params[t[1:-1]] = p
         elif t != p:
@@ -166,7 +166,9 @@ class FakeFirecracker:
                         body = json.loads(raw)
                     except ValueError as exc:
                         body = raw.decode("utf-8", "replace")
-                        raise ApiFault(S.MSG_SERDE.format(f"{exc.msg} at line {exc.lineno} column {exc.colno}")) from None
+                        raise ApiFault(
+                            S.MSG_SERDE.format(f"{exc.msg} at line {exc.lineno} column {exc.colno}")
+                        ) from None
                 answer = self._dispatch(method, path, body)
                 status = 200 if answer is not None else 204
             except ApiFault as f:
@@ -203,7 +205,7 @@ class FakeFirecracker:
         else:
             if body is None:
                 raise ApiFault(S.MSG_EMPTY_BODY.format(method))
-            for name, value in params.items():
+            for value in params.values():
                 if not value:
                     raise ApiFault(S.MSG_EMPTY_ID)
                 if not _API_ID.match(value):
@@ -380,7 +382,9 @@ class FakeFirecracker:
                 f"vsock {'yes' if self.vsock else 'no'}\n"
             )
             if self.serial_extra:
-                self._serial(self.serial_extra if self.serial_extra.endswith("\n") else self.serial_extra + "\n")
+                self._serial(
+                    self.serial_extra if self.serial_extra.endswith("\n") else self.serial_extra + "\n"
+                )
         elif action == "SendCtrlAltDel":
             args = (self.boot_source or {}).get("boot_args", "")
             if "i8042.nokbd" in args.split():
@@ -411,7 +415,9 @@ class FakeFirecracker:
                 with open(body["path_on_host"], "rb"):
                     pass
             except OSError as exc:
-                raise ApiFault(f"Drive config error: Unable to patch the block device: {_os_err(exc)}") from None
+                raise ApiFault(
+                    f"Drive config error: Unable to patch the block device: {_os_err(exc)}"
+                ) from None
             self.drives[drive_id]["path_on_host"] = body["path_on_host"]
 
     # -- snapshots ------------------------------------------------------------------------

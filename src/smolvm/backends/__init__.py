@@ -6,25 +6,27 @@ import os
 import shutil
 
 from smolvm.backends.base import Backend, DiskSpec, LaunchSpec, NetSpec
+from smolvm.backends.firecracker import FirecrackerBackend
+from smolvm.backends.qemu import QemuBackend
 from smolvm.exceptions import ValidationError
+from smolvm.host.accel import accel_decision
 
 BACKENDS = ("firecracker", "qemu", "auto")
 
 
 def resolve_backend(name: str | None = None) -> str:
-    """"firecracker" | "qemu" from an explicit name, ``$SMOLVM_BACKEND``, or "auto".
+    """ "firecracker" | "qemu" from an explicit name, ``$SMOLVM_BACKEND``, or "auto".
 
     auto picks Firecracker only when its binary is installed *and* KVM is really usable
     (measured, see smolvm.host.kvm); otherwise QEMU, which also runs without KVM (TCG)."""
     choice = (name or os.environ.get("SMOLVM_BACKEND") or "auto").strip().lower()
     if choice not in BACKENDS:
         raise ValidationError(
-            f"unknown backend {choice!r}: use one of {', '.join(BACKENDS)}", field="backend")
+            f"unknown backend {choice!r}: use one of {', '.join(BACKENDS)}", field="backend"
+        )
     if choice != "auto":
         return choice
     if shutil.which(os.environ.get("SMOLVM_FIRECRACKER_BIN", "firecracker")):
-        from smolvm.host.accel import accel_decision
-
         if accel_decision().accel == "kvm":
             return "firecracker"
     return "qemu"
@@ -32,12 +34,8 @@ def resolve_backend(name: str | None = None) -> str:
 
 def get_backend(name: str) -> Backend:
     if name == "qemu":
-        from smolvm.backends.qemu import QemuBackend
-
         return QemuBackend()
     if name == "firecracker":
-        from smolvm.backends.firecracker import FirecrackerBackend
-
         return FirecrackerBackend()
     raise ValidationError(f"unknown backend {name!r}", field="backend")
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from smolvm.exceptions import SnapshotError
+
 
 @dataclass
 class DiskSpec:
@@ -112,7 +114,27 @@ def socket_files(spec: LaunchSpec) -> list[Path]:
 
 
 class Backend(abc.ABC):
+    """One hypervisor. What differs between hypervisors is declared here, so nothing
+    outside ``backends/`` compares backend names."""
+
     name: str = "abstract"
+    #: Disk format the VMM reads: thin qcow2 overlays on the image (QEMU) or a raw copy.
+    disk_format: Literal["qcow2", "raw"] = "qcow2"
+    #: Guest-agent ports per VM (:data:`AGENT_PORTS` virtio-serial ports, each serving one
+    #: host client; 1 for a vsock UDS that takes any number of clients).
+    agent_ports: int = AGENT_PORTS
+    #: The agent's vsock port when it is reached through a vsock UDS, else None.
+    agent_vsock_port: int | None = None
+    #: Network modes this VMM supports ("user" is rootless user-mode NAT).
+    network_modes: frozenset[str] = frozenset({"user", "tap", "none"})
+    #: :meth:`save_state` / :meth:`start_incoming` work (snapshots, clones, warm pools and
+    #: the default image's boot snapshot need them).
+    supports_snapshots: bool = False
+    #: Guest RAM can live in a shared file (:class:`MemorySpec`): snapshots then copy
+    #: the file instead of streaming RAM.
+    supports_memory_file: bool = False
+    #: The VMM runs with TCG too, so the host probe picks KVM or TCG per VM.
+    selects_accelerator: bool = False
 
     @abc.abstractmethod
     def check_prerequisites(self) -> list[str]:
@@ -120,7 +142,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def launch(self, spec: LaunchSpec) -> int:
-        """Start the VM process detached and return its pid. Does not wait for boot."""
+        """Start the VM process detached and return its pid. Does not wait for boot.
+
+        With ``spec.incoming`` set the VMM waits for :meth:`start_incoming` instead."""
 
     @abc.abstractmethod
     def request_shutdown(self, spec: LaunchSpec) -> None:
@@ -132,6 +156,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def resume(self, spec: LaunchSpec) -> None: ...
 
-    @abc.abstractmethod
-    def save_state(self, spec: LaunchSpec, state_path: Path) -> None:
-        """Pause the VM and write its memory + device state to ``state_path``."""
+    def save_state(self, spec: LaunchSpec, state_path: Path, *, ignore_shared: bool = False) -> None:
+        """Pause the VM and write its device state (and RAM, unless ``ignore_shared`` and
+        the RAM is a shared file) to ``state_path``; the VM's disks are flushed and
+        inactive afterwards."""
+        raise SnapshotError(f"the {self.name} backend cannot snapshot VMs; use backend='qemu'")
+
+    def start_incoming(self, spec: LaunchSpec, *, timeout: float = 60.0, cont: bool = False) -> None:
+        """Load ``spec.incoming`` into a VM launched with it (``timeout`` seconds), then
+        run it when ``cont`` (else it stays paused)."""
+        raise SnapshotError(f"the {self.name} backend cannot restore snapshots; use backend='qemu'")

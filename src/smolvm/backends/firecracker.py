@@ -6,18 +6,16 @@ Lifecycle (see Firecracker's swagger spec, ``src/firecracker/swagger/firecracker
   session), then ``PUT /logger``, ``PUT /machine-config``, ``PUT /boot-source``,
   ``PUT /drives/{id}`` per disk, ``PUT /network-interfaces/eth0`` (TAP only),
   ``PUT /vsock`` and finally ``PUT /actions {InstanceStart}``.
-* restore: same process start, ``PUT /logger`` then ``PUT /snapshot/load`` (nothing else
-  may be configured before a load), optionally followed by ``PATCH /drives`` for moved
-  disks and ``PATCH /vm {Resumed}``.
 * ``request_shutdown`` → ``PUT /actions {SendCtrlAltDel}``; ``pause``/``resume`` →
-  ``PATCH /vm``; ``save_state`` → pause + ``PUT /snapshot/create`` (Full).
+  ``PATCH /vm``.
+
+Snapshots are not supported on this backend (``supports_snapshots`` is False): SmolVM's
+snapshots, clones and pools build on qcow2 overlays and a guest-RAM file, which
+Firecracker has no equivalent for here.
 
 Files: Firecracker writes the guest serial console to its stdout, so stdout is appended to
 ``spec.serial_log``; stderr goes to ``spec.process_log`` (or the serial log); the VMM's own
-log (``PUT /logger``) goes to ``<vm_dir>/firecracker.log``. A snapshot at ``state_path`` is
-three files: ``state_path`` (VM state), ``state_path + ".mem"`` (guest memory) and
-``state_path + ".json"`` (what SmolVM needs to restore it elsewhere) — see
-:func:`snapshot_files`.
+log (``PUT /logger``) goes to ``<vm_dir>/firecracker.log``.
 
 Firecracker has no user-mode networking and no software CPU emulation: it needs a usable
 KVM (checked with :func:`smolvm.host.kvm.probe_kvm`) and TAP devices for networking.
@@ -25,7 +23,6 @@ KVM (checked with :func:`smolvm.host.kvm.probe_kvm`) and TAP devices for network
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -36,7 +33,6 @@ import socket
 import stat
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,7 +44,6 @@ from smolvm.host.kvm import KVMProbe, probe_kvm, probe_kvm_cached
 
 __all__ = [
     "FirecrackerBackend",
-    "snapshot_files",
     "vsock_connect",
     "firecracker_instance_id",
     "ENV_BIN",
@@ -65,7 +60,6 @@ GUEST_CID = 3
 AGENT_VSOCK_PORT = 52
 #: The one network interface a SmolVM guest has.
 IFACE_ID = "eth0"
-SNAPSHOT_META_FORMAT = "smolvm-firecracker-snapshot/1"
 RELEASES_URL = "https://github.com/firecracker-microvm/firecracker/releases"
 
 _API_ID_RE = re.compile(r"[^A-Za-z0-9_]")
@@ -93,16 +87,6 @@ def firecracker_instance_id(vm_id: str) -> str:
 def api_resource_id(raw: str) -> str:
     """Drive / interface ids: Firecracker accepts only ``[A-Za-z0-9_]``."""
     return _API_ID_RE.sub("_", raw) or "_"
-
-
-def snapshot_files(state_path: Path) -> tuple[Path, Path, Path]:
-    """``(vmstate, memory, metadata)`` file paths of the snapshot saved at ``state_path``."""
-    state_path = Path(state_path)
-    return (
-        state_path,
-        state_path.with_name(state_path.name + ".mem"),
-        state_path.with_name(state_path.name + ".json"),
-    )
 
 
 def vsock_connect(uds_path: Path | str, port: int = AGENT_VSOCK_PORT, timeout: float = 5.0) -> socket.socket:
@@ -194,12 +178,15 @@ class FirecrackerBackend(Backend):
         cache_dir: where the KVM probe caches its verdict (per host boot); ``None`` probes
             every time ``check_prerequisites`` runs.
         kvm_probe: replaces the KVM probe (tests, or a manager that probed already).
-        api_timeout: seconds per API request; snapshot requests get ``snapshot_timeout``.
+        api_timeout: seconds per API request.
         socket_wait: seconds to wait for the API socket after starting the process.
-        restore_paused: leave a restored VM paused (``resume`` starts it) instead of running.
     """
 
     name = "firecracker"
+    disk_format = "raw"
+    agent_ports = 1  # one vsock UDS that takes any number of clients
+    agent_vsock_port = AGENT_VSOCK_PORT
+    network_modes = frozenset({"tap", "none"})
 
     def __init__(
         self,
@@ -208,17 +195,13 @@ class FirecrackerBackend(Backend):
         cache_dir: Path | None = None,
         kvm_probe: Callable[[], KVMProbe] | None = None,
         api_timeout: float = 10.0,
-        snapshot_timeout: float = 300.0,
         socket_wait: float = 5.0,
-        restore_paused: bool = False,
     ) -> None:
         self._binary = str(binary) if binary is not None else None
         self.cache_dir = cache_dir
         self._kvm_probe = kvm_probe
         self.api_timeout = api_timeout
-        self.snapshot_timeout = snapshot_timeout
         self.socket_wait = socket_wait
-        self.restore_paused = restore_paused
 
     # -- discovery -----------------------------------------------------------------------
 
@@ -320,9 +303,7 @@ class FirecrackerBackend(Backend):
                 {"vm_id": spec.vm_id},
             )
         if not 1 <= spec.vcpus <= 32:
-            raise BackendError(
-                f"Firecracker supports 1-32 vCPUs, got {spec.vcpus}", {"vm_id": spec.vm_id}
-            )
+            raise BackendError(f"Firecracker supports 1-32 vCPUs, got {spec.vcpus}", {"vm_id": spec.vm_id})
         for label, p in (("control socket", spec.control_socket), ("agent socket", spec.agent_socket)):
             if len(os.fsencode(str(p))) >= UNIX_PATH_MAX:
                 raise BackendError(
@@ -359,9 +340,7 @@ class FirecrackerBackend(Backend):
                 close_fds=True,
             )
         except OSError as exc:
-            raise BackendError(
-                f"cannot start {binary}: {exc}", {"vm_id": spec.vm_id, "argv": argv}
-            ) from None
+            raise BackendError(f"cannot start {binary}: {exc}", {"vm_id": spec.vm_id, "argv": argv}) from None
         finally:
             serial.close()
             if errlog is not serial:
@@ -388,37 +367,32 @@ class FirecrackerBackend(Backend):
     def launch(self, spec: LaunchSpec) -> int:
         self._validate(spec)
         if spec.incoming is not None:
-            vmstate, mem, meta_path = snapshot_files(spec.incoming)
-            for p, what in ((vmstate, "VM state"), (mem, "guest memory")):
-                if not p.is_file():
-                    raise SnapshotError(
-                        f"snapshot {what} file {p} is missing; it is written by save_state() "
-                        f"next to {spec.incoming}",
-                        {"vm_id": spec.vm_id, "path": str(p)},
-                    )
-        else:
-            for p, what in ((spec.kernel, "kernel"), (spec.initrd, "initrd")):
-                if p is not None and not Path(p).is_file():
-                    raise ImageError(f"{what} {p} does not exist", {"vm_id": spec.vm_id, "path": str(p)})
-            _remove_stale_socket(Path(spec.agent_socket), "agent socket")
+            raise SnapshotError(
+                "the firecracker backend does not restore snapshots; use backend='qemu'",
+                {"vm_id": spec.vm_id},
+            )
+        for p, what in ((spec.kernel, "kernel"), (spec.initrd, "initrd")):
+            if p is not None and not Path(p).is_file():
+                raise ImageError(f"{what} {p} does not exist", {"vm_id": spec.vm_id, "path": str(p)})
+        _remove_stale_socket(Path(spec.agent_socket), "agent socket")
 
         proc = self._start_process(spec)
         try:
             if not wait_for_socket(spec.control_socket, self.socket_wait, alive=lambda: proc.poll() is None):
                 code = proc.poll()
                 where = spec.process_log or spec.serial_log
-                state = f"exited with code {code}" if code is not None else (
-                    f"did not open its API socket within {self.socket_wait:g} s")
+                state = (
+                    f"exited with code {code}"
+                    if code is not None
+                    else (f"did not open its API socket within {self.socket_wait:g} s")
+                )
                 raise BackendError(
                     f"firecracker {state}. Last lines of {where}:\n{_tail(where)}",
                     {"vm_id": spec.vm_id, "pid": proc.pid, "returncode": code},
                 )
             api = self._api(spec)
             self._configure_logger(api, spec)
-            if spec.incoming is not None:
-                self._restore(api, spec)
-            else:
-                self._boot(api, spec)
+            self._boot(api, spec)
         except BaseException:
             self._kill(proc)
             raise
@@ -457,54 +431,6 @@ class FirecrackerBackend(Backend):
         api.put("/vsock", {"guest_cid": GUEST_CID, "uds_path": str(spec.agent_socket)})
         api.put("/actions", {"action_type": "InstanceStart"})
 
-    def _restore(self, api: FirecrackerAPI, spec: LaunchSpec) -> None:
-        assert spec.incoming is not None
-        vmstate, mem, meta_path = snapshot_files(spec.incoming)
-        meta: dict[str, Any] = {}
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            log.info("snapshot %s has no readable %s; restoring without overrides", vmstate, meta_path.name)
-
-        body: dict[str, Any] = {
-            "snapshot_path": str(vmstate),
-            "mem_backend": {"backend_type": "File", "backend_path": str(mem)},
-        }
-        saved_sock = meta.get("agent_socket")
-        if saved_sock and saved_sock != str(spec.agent_socket):
-            # Firecracker >= 1.16; older versions re-bind the path recorded in the snapshot.
-            body["vsock_override"] = {"uds_path": str(spec.agent_socket)}
-            _remove_stale_socket(Path(spec.agent_socket), "agent socket")
-        else:
-            _remove_stale_socket(Path(saved_sock or spec.agent_socket), "agent socket")
-        saved_tap = (meta.get("net") or {}).get("tap_device")
-        if spec.net is not None and saved_tap and saved_tap != spec.net.tap_device:
-            body["network_overrides"] = [{"iface_id": IFACE_ID, "host_dev_name": spec.net.tap_device}]
-        saved_disks = {d["id"]: d["path"] for d in meta.get("disks", []) if "id" in d and "path" in d}
-        moved = [d for d in spec.disks
-                 if api_resource_id(d.id) in saved_disks and saved_disks[api_resource_id(d.id)] != str(d.path)]  # fmt: skip
-        for key in ("vcpus", "mem_mib"):
-            if key in meta and meta[key] != getattr(spec, key):
-                log.warning("snapshot %s was taken with %s=%s; the restored VM keeps it (spec says %s)",
-                            vmstate, key, meta[key], getattr(spec, key))  # fmt: skip
-        body["resume_vm"] = not (self.restore_paused or moved)
-        try:
-            api.put("/snapshot/load", body, timeout=self.snapshot_timeout)
-        except BackendError as exc:
-            fault = str(exc.details.get("fault_message", ""))
-            if "vsock_override" in fault or "network_overrides" in fault:
-                exc.message += (
-                    " — restoring with another socket path or TAP device needs a newer "
-                    "Firecracker (network_overrides: >= 1.12, vsock_override: >= 1.16)"
-                )
-                exc.args = (exc.message,)
-            raise
-        for d in moved:
-            rid = api_resource_id(d.id)
-            api.patch(f"/drives/{rid}", {"drive_id": rid, "path_on_host": str(d.path)})
-        if moved and not self.restore_paused:
-            api.patch("/vm", {"state": "Resumed"})
-
     # -- control -------------------------------------------------------------------------
 
     def request_shutdown(self, spec: LaunchSpec) -> None:
@@ -522,39 +448,8 @@ class FirecrackerBackend(Backend):
         self._api(spec).patch("/vm", {"state": "Resumed"})
 
     def status(self, spec: LaunchSpec) -> str:
-        """"prelaunch" | "running" | "paused" (QMP-style words, as the QEMU backend says)."""
+        """ "prelaunch" | "running" | "paused" (QMP-style words, as the QEMU backend says)."""
         state = self._api(spec).get("/").get("state", "")
-        return {"Not started": "prelaunch", "Running": "running", "Paused": "paused"}.get(state, state.lower())
-
-    def wait_incoming(self, spec: LaunchSpec, timeout: float = 60.0) -> None:
-        """Parity with the QEMU backend: ``PUT /snapshot/load`` is synchronous, so a restored
-        VM is fully loaded when :meth:`launch` returns; this only checks the VMM answers."""
-        FirecrackerAPI(spec.control_socket, timeout=timeout).get("/")
-
-    def save_state(self, spec: LaunchSpec, state_path: Path) -> None:
-        vmstate, mem, meta_path = snapshot_files(Path(state_path))
-        vmstate.parent.mkdir(parents=True, exist_ok=True)
-        api = self._api(spec)
-        api.patch("/vm", {"state": "Paused"})
-        api.put(
-            "/snapshot/create",
-            {"snapshot_type": "Full", "snapshot_path": str(vmstate), "mem_file_path": str(mem)},
-            timeout=self.snapshot_timeout,
+        return {"Not started": "prelaunch", "Running": "running", "Paused": "paused"}.get(
+            state, state.lower()
         )
-        meta = {
-            "format": SNAPSHOT_META_FORMAT,
-            "vm_id": spec.vm_id,
-            "vmstate": vmstate.name,
-            "mem": mem.name,
-            "vcpus": spec.vcpus,
-            "mem_mib": spec.mem_mib,
-            "agent_socket": str(spec.agent_socket),
-            "disks": [{"id": api_resource_id(d.id), "path": str(d.path), "read_only": d.read_only}
-                      for d in spec.disks],  # fmt: skip
-            "net": None if spec.net is None else {
-                "iface_id": IFACE_ID, "tap_device": spec.net.tap_device, "mac": spec.net.mac},
-            "created_at": time.time(),
-        }  # fmt: skip
-        tmp = meta_path.with_name(meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_path)

@@ -55,7 +55,7 @@ class QMP:
         if self._qmp is not None:
             try:
                 self._qmp.close()
-            except Exception:  # noqa: BLE001 - QEMU may be gone (e.g. a failed incoming load)
+            except Exception:
                 pass
             self._qmp = None
 
@@ -122,13 +122,20 @@ def _agent_ports(spec: LaunchSpec) -> list[str]:
     a: list[str] = []
     for i, sock in enumerate(agent_sockets(spec)):
         name = "smolvm.agent" if i == 0 else f"smolvm.agent.{i}"
-        a += ["-chardev", f"socket,id=agent{i},path={sock},server=on,wait=off",
-              "-device", f"virtserialport,bus=vs0.0,chardev=agent{i},name={name}"]
+        a += [
+            "-chardev",
+            f"socket,id=agent{i},path={sock},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=vs0.0,chardev=agent{i},name={name}",
+        ]
     return a
 
 
 class QemuBackend(Backend):
     name = "qemu"
+    supports_snapshots = True
+    supports_memory_file = True
+    selects_accelerator = True
 
     def check_prerequisites(self) -> list[str]:
         errors = []
@@ -161,27 +168,58 @@ class QemuBackend(Backend):
                 mem = ["-object", f"memory-backend-ram,id=mem0,size={spec.mem_mib}M"]
             else:
                 share = "on" if spec.memory.shared else "off"
-                mem = ["-object", f"memory-backend-file,id=mem0,size={spec.mem_mib}M,"
-                                  f"mem-path={spec.memory.path},share={share}"]
+                mem = [
+                    "-object",
+                    f"memory-backend-file,id=mem0,size={spec.mem_mib}M,"
+                    f"mem-path={spec.memory.path},share={share}",
+                ]
         nice = ["nice", "-n", str(spec.nice)] if spec.nice and shutil.which("nice") else []
         a = [
-            *nice, binary, "-name", f"smolvm-{spec.vm_id}", "-no-user-config", "-display", "none",
-            "-no-reboot", "-M", machine, *mem, *accel,
-            "-m", str(spec.mem_mib), "-smp", str(spec.vcpus),
-            "-kernel", str(spec.kernel), "-append", spec.boot_args,
-            "-chardev", f"file,id=ser0,path={spec.serial_log},append=on",
-            "-serial", "chardev:ser0", "-monitor", "none",
-            "-qmp", f"unix:{spec.control_socket},server=on,wait=off",
-            "-device", "virtio-serial-device,id=vs0",
+            *nice,
+            binary,
+            "-name",
+            f"smolvm-{spec.vm_id}",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-M",
+            machine,
+            *mem,
+            *accel,
+            "-m",
+            str(spec.mem_mib),
+            "-smp",
+            str(spec.vcpus),
+            "-kernel",
+            str(spec.kernel),
+            "-append",
+            spec.boot_args,
+            "-chardev",
+            f"file,id=ser0,path={spec.serial_log},append=on",
+            "-serial",
+            "chardev:ser0",
+            "-monitor",
+            "none",
+            "-qmp",
+            f"unix:{spec.control_socket},server=on,wait=off",
+            "-device",
+            "virtio-serial-device,id=vs0",
             *_agent_ports(spec),
-            "-pidfile", str(spec.vm_dir / "qemu.pid"), "-daemonize",
+            "-pidfile",
+            str(spec.vm_dir / "qemu.pid"),
+            "-daemonize",
         ]
         if spec.initrd:
             a += ["-initrd", str(spec.initrd)]
         for d in spec.disks:
             ro = ",readonly=on" if d.read_only else ""
-            a += ["-drive", f"id={d.id},file={d.path},format={d.format},if=none,cache=unsafe{ro}",
-                  "-device", f"virtio-blk-device,drive={d.id}"]
+            a += [
+                "-drive",
+                f"id={d.id},file={d.path},format={d.format},if=none,cache=unsafe{ro}",
+                "-device",
+                f"virtio-blk-device,drive={d.id}",
+            ]
         if spec.net is not None:
             if spec.net.mode == "user":
                 fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in spec.net.forwards)
@@ -239,8 +277,10 @@ class QemuBackend(Backend):
         tmp = state_path.with_suffix(".tmp")
         with QMP(spec.control_socket, timeout=30) as q:
             q.execute("stop")
-            q.execute("migrate-set-capabilities", capabilities=[
-                {"capability": "x-ignore-shared", "state": bool(ignore_shared)}])
+            q.execute(
+                "migrate-set-capabilities",
+                capabilities=[{"capability": "x-ignore-shared", "state": bool(ignore_shared)}],
+            )
             q.execute("migrate-set-parameters", **{"max-bandwidth": 10 * 1024**3})
             q.execute("migrate", uri=f"exec:cat > {tmp}")
             deadline = time.monotonic() + 120
@@ -268,8 +308,10 @@ class QemuBackend(Backend):
         deadline = time.monotonic() + timeout
         with QMP(spec.control_socket, timeout=timeout) as q:
             if spec.incoming_ignore_shared:
-                q.execute("migrate-set-capabilities", capabilities=[
-                    {"capability": "x-ignore-shared", "state": True}])
+                q.execute(
+                    "migrate-set-capabilities",
+                    capabilities=[{"capability": "x-ignore-shared", "state": True}],
+                )
             q.execute("migrate-incoming", uri=f"exec:cat {spec.incoming}")
             while True:
                 st = q.execute("query-status")["status"]
@@ -280,7 +322,8 @@ class QemuBackend(Backend):
                 time.sleep(0.002)
             if st not in ("paused", "running", "postmigrate"):
                 info = q.execute("query-migrate")
-                raise BackendError(f"restoring VM state failed: status {st}, "
-                                   f"{info.get('error-desc', info.get('status'))}")
+                raise BackendError(
+                    f"restoring VM state failed: status {st}, {info.get('error-desc', info.get('status'))}"
+                )
             if cont and st != "running":
                 q.execute("cont")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from smolvm.facade import SmolVM
+    from smolvm.smolvm import SmolVM
     from smolvm.vm import SmolVMManager
 
 EXIT_OK = 0
@@ -35,6 +35,7 @@ EXIT_USAGE = 2
 EXIT_TIMEOUT = 124  # like timeout(1): `smolvm run` hit --timeout
 EXIT_INTERRUPTED = 130
 EXIT_SIGPIPE = 141  # 128 + SIGPIPE: `smolvm run … | head` closed our stdout
+
 
 #: Console for data (stdout) and for diagnostics (stderr). No syntax highlighting: numbers
 #: and paths in our messages are not code.
@@ -89,8 +90,11 @@ def configure_logging(debug: bool) -> None:
             logger.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler._smolvm_cli = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(name)s %(levelname)s: %(message)s" if debug else "%(levelname)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter(
+            "%(asctime)s %(name)s %(levelname)s: %(message)s" if debug else "%(levelname)s: %(message)s"
+        )
+    )
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.WARNING)
     logger.propagate = False
@@ -138,8 +142,10 @@ def report_error(exc: BaseException) -> int:
         label = "hint" if exit_code_for(exc) == EXIT_USAGE else "fix"
         err.print(f"[yellow]{label}:[/] {esc(rem)}")
     if not known and not OPTS.debug:
-        err.print("[dim]this looks like a bug in smolvm: rerun with --debug (or SMOLVM_DEBUG=1) "
-                  "for the traceback[/]")
+        err.print(
+            "[dim]this looks like a bug in smolvm: rerun with --debug (or SMOLVM_DEBUG=1) "
+            "for the traceback[/]"
+        )
     return exit_code_for(exc)
 
 
@@ -170,7 +176,7 @@ def vm_to_dict(info: Any) -> dict[str, Any]:
 
 
 def fmt_age(ts: Any) -> str:
-    """"3m ago" for a datetime/epoch (None → "-")."""
+    """ "3m ago" for a datetime/epoch (None → "-")."""
     if ts is None:
         return "-"
     try:
@@ -245,7 +251,7 @@ def open_manager() -> Iterator[SmolVMManager]:
 @contextmanager
 def open_vm(vm_id: str, *, running: bool = False) -> Iterator[SmolVM]:
     """Attach to an existing VM; on exit release handles only (the VM keeps its state)."""
-    from smolvm.facade import SmolVM
+    from smolvm.smolvm import SmolVM
 
     vm = SmolVM.from_id(vm_id, data_dir=OPTS.data_dir, backend=OPTS.backend)
     try:
@@ -263,8 +269,10 @@ def require_running(info: Any) -> None:
     if status == "paused":
         raise CLIError(f"VM {info.vm_id} is paused", f"resume it: smolvm resume {info.vm_id}")
     if status == "error":
-        raise CLIError(f"VM {info.vm_id} is in state error ({info.error or 'unknown cause'})",
-                       f"see `smolvm logs {info.vm_id}`, then `smolvm delete {info.vm_id}`")
+        raise CLIError(
+            f"VM {info.vm_id} is in state error ({info.error or 'unknown cause'})",
+            f"see `smolvm logs {info.vm_id}`, then `smolvm delete {info.vm_id}`",
+        )
     raise CLIError(f"VM {info.vm_id} is {status}, not running", f"start it: smolvm start {info.vm_id}")
 
 

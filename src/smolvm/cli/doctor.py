@@ -31,7 +31,7 @@ class Check:
     fix: str | None = None
 
 
-def _version_line(argv: list[str]) -> str | None:
+def version_line(argv: list[str]) -> str | None:
     try:
         p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -58,7 +58,7 @@ def check_qemu() -> list[Check]:
     binary = qemu_binary()
     checks = []
     if binary:
-        ver = _version_line([binary, "--version"]) or "version unknown"
+        ver = version_line([binary, "--version"]) or "version unknown"
         checks.append(Check("qemu", OK, f"{binary}: {ver}"))
     else:
         checks.append(Check("qemu", FAIL, f"{QEMU_BIN} not found on PATH", fix))
@@ -77,14 +77,21 @@ def check_kvm(cache_dir: Path | None, reprobe: bool) -> tuple[Check, dict[str, A
     if probe.usable:
         return Check("kvm", OK, f"fast KVM: {probe.reason}"), d
     if not probe.present:
-        return Check("kvm", WARN, f"no KVM, guests run under TCG (slower): {probe.reason}",
-                     "bare metal: enable VT-x/AMD-V and load kvm_intel/kvm_amd; cloud: use an "
-                     "instance type with nested virtualization"), d
+        return Check(
+            "kvm",
+            WARN,
+            f"no KVM, guests run under TCG (slower): {probe.reason}",
+            "bare metal: enable VT-x/AMD-V and load kvm_intel/kvm_amd; cloud: use an "
+            "instance type with nested virtualization",
+        ), d
     if probe.forced:
         return Check("kvm", WARN, probe.reason, "unset SMOLVM_ACCEL to let the probe decide"), d
-    return Check("kvm", WARN, f"/dev/kvm present but not usable, TCG will be used: {probe.reason}",
-                 "nothing to do (TCG works); for speed run on hardware with VT-x/AMD-V exposed "
-                 "to this machine"), d
+    return Check(
+        "kvm",
+        WARN,
+        f"/dev/kvm present but not usable, TCG will be used: {probe.reason}",
+        "nothing to do (TCG works); for speed run on hardware with VT-x/AMD-V exposed to this machine",
+    ), d
 
 
 def check_tsc() -> Check:
@@ -93,9 +100,13 @@ def check_tsc() -> Check:
     khz = host_tsc_khz()
     if khz:
         return Check("tsc", OK, f"host TSC {khz / 1000:.3f} MHz (passed to guests as tsc_early_khz={khz})")
-    return Check("tsc", WARN, "host TSC rate not found (sysfs, dmesg, /proc/cpuinfo): microvm guests "
-                 "may hang while calibrating under TCG",
-                 "make `dmesg` readable (sysctl kernel.dmesg_restrict=0) or check /proc/cpuinfo")
+    return Check(
+        "tsc",
+        WARN,
+        "host TSC rate not found (sysfs, dmesg, /proc/cpuinfo): microvm guests "
+        "may hang while calibrating under TCG",
+        "make `dmesg` readable (sysctl kernel.dmesg_restrict=0) or check /proc/cpuinfo",
+    )
 
 
 def check_network() -> list[Check]:
@@ -105,19 +116,45 @@ def check_network() -> list[Check]:
     if tun.exists() and cap:
         checks.append(Check("tap", OK, "/dev/net/tun present and CAP_NET_ADMIN held (network='tap' works)"))
     elif not tun.exists():
-        checks.append(Check("tap", WARN, "/dev/net/tun missing: only user-mode networking",
-                            "modprobe tun (network='user', the default, needs nothing)"))
+        checks.append(
+            Check(
+                "tap",
+                WARN,
+                "/dev/net/tun missing: only user-mode networking",
+                "modprobe tun (network='user', the default, needs nothing)",
+            )
+        )
     else:
-        checks.append(Check("tap", WARN, "not root and no CAP_NET_ADMIN: only user-mode networking",
-                            "run as root for network='tap' (network='user', the default, needs nothing)"))
+        checks.append(
+            Check(
+                "tap",
+                WARN,
+                "not root and no CAP_NET_ADMIN: only user-mode networking",
+                "run as root for network='tap' (network='user', the default, needs nothing)",
+            )
+        )
     nft = shutil.which("nft")
-    checks.append(Check("nft", OK, nft) if nft else Check(
-        "nft", WARN, "nft not found: TAP networking cannot NAT or isolate guests",
-        "apt-get install nftables"))
+    checks.append(
+        Check("nft", OK, nft)
+        if nft
+        else Check(
+            "nft",
+            WARN,
+            "nft not found: TAP networking cannot NAT or isolate guests",
+            "apt-get install nftables",
+        )
+    )
     ssh = shutil.which("ssh")
-    checks.append(Check("ssh", OK, ssh) if ssh else Check(
-        "ssh", WARN, "ssh client not found: `smolvm ssh` and the SSH channel are unavailable",
-        "apt-get install openssh-client"))
+    checks.append(
+        Check("ssh", OK, ssh)
+        if ssh
+        else Check(
+            "ssh",
+            WARN,
+            "ssh client not found: `smolvm ssh` and the SSH channel are unavailable",
+            "apt-get install openssh-client",
+        )
+    )
     return checks
 
 
@@ -126,21 +163,36 @@ def check_image_tools(image_ready: bool) -> list[Check]:
     bad = WARN if image_ready else FAIL
     why = " (only needed to rebuild images)" if image_ready else " (needed to build the first image)"
     checks = []
-    for name, tool, pkg in (("musl-gcc", "musl-gcc", "musl-tools gcc"),
-                            ("debootstrap", "debootstrap", "debootstrap")):
+    for name, tool, pkg in (
+        ("musl-gcc", "musl-gcc", "musl-tools gcc"),
+        ("debootstrap", "debootstrap", "debootstrap"),
+    ):
         p = shutil.which(tool)
-        checks.append(Check(name, OK, p) if p else Check(name, bad, f"{tool} not found{why}",
-                                                          f"apt-get install {pkg}"))
-    missing = [t for t in ("apt-get", "apt-cache", "dpkg-deb", "depmod", "modprobe", "mkfs.ext4")
-               if not shutil.which(t)]
+        checks.append(
+            Check(name, OK, p) if p else Check(name, bad, f"{tool} not found{why}", f"apt-get install {pkg}")
+        )
+    missing = [
+        t
+        for t in ("apt-get", "apt-cache", "dpkg-deb", "depmod", "modprobe", "mkfs.ext4")
+        if not shutil.which(t)
+    ]
     if missing:
-        checks.append(Check("build-tools", bad, f"missing: {', '.join(missing)}{why}",
-                            "apt-get install kmod e2fsprogs (on a Debian/Ubuntu host)"))
+        checks.append(
+            Check(
+                "build-tools",
+                bad,
+                f"missing: {', '.join(missing)}{why}",
+                "apt-get install kmod e2fsprogs (on a Debian/Ubuntu host)",
+            )
+        )
     else:
         checks.append(Check("build-tools", OK, "apt-get, dpkg-deb, depmod, modprobe, mkfs.ext4"))
     if not image_ready and os.geteuid() != 0:
-        checks.append(Check("build-root", FAIL, "building the image needs root (debootstrap chroots)",
-                            "sudo smolvm setup"))
+        checks.append(
+            Check(
+                "build-root", FAIL, "building the image needs root (debootstrap chroots)", "sudo smolvm setup"
+            )
+        )
     return checks
 
 
@@ -150,7 +202,9 @@ def check_data_dir() -> tuple[list[Check], Path | None]:
     try:
         d = common.data_dir()
     except SmolVMError as exc:
-        return [Check("data-dir", FAIL, str(exc), "set SMOLVM_DATA_DIR (or --data-dir) to a writable directory")], None
+        return [
+            Check("data-dir", FAIL, str(exc), "set SMOLVM_DATA_DIR (or --data-dir) to a writable directory")
+        ], None
     checks = [Check("data-dir", OK, f"{d} (writable)")]
     usage = shutil.disk_usage(d)
     free = usage.free
@@ -158,8 +212,14 @@ def check_data_dir() -> tuple[list[Check], Path | None]:
     if free < 256 * 1024**2:
         checks.append(Check("disk-space", FAIL, detail, "free space or point --data-dir elsewhere"))
     elif free < 2 * 1024**3:
-        checks.append(Check("disk-space", WARN, detail + " (an image build needs ~1 GiB, each VM grows as it writes)",
-                            "free space or point --data-dir elsewhere"))
+        checks.append(
+            Check(
+                "disk-space",
+                WARN,
+                detail + " (an image build needs ~1 GiB, each VM grows as it writes)",
+                "free space or point --data-dir elsewhere",
+            )
+        )
     else:
         checks.append(Check("disk-space", OK, detail))
     return checks, d
@@ -171,16 +231,24 @@ def check_image() -> tuple[Check, bool]:
     try:
         builder = ImageBuilder(common.image_dir())
         art = builder.get(DEFAULT_IMAGE)
-    except Exception as exc:  # noqa: BLE001 - report, never crash doctor
+    except Exception as exc:
         return Check("image", FAIL, f"cannot read the image cache: {exc}", "check SMOLVM_IMAGE_DIR"), False
     if art is None:
-        return Check("image", WARN, f"default image not built yet in {builder.cache_dir} (first VM "
-                     "creation builds it, ~1 min)", "smolvm image build   (or: smolvm setup)"), False
+        return Check(
+            "image",
+            WARN,
+            f"default image not built yet in {builder.cache_dir} (first VM creation builds it, ~1 min)",
+            "smolvm image build   (or: smolvm setup)",
+        ), False
     kver = (art.manifest.get("kernel") or {}).get("version", "?")
     agent = "agent+ssh" if art.has_agent else "ssh only"
     if not builder.is_current(DEFAULT_IMAGE):
-        return Check("image", WARN, f"default image at {art.path} is stale (guest sources changed); "
-                     "it is rebuilt on next use", "smolvm image build"), True
+        return Check(
+            "image",
+            WARN,
+            f"default image at {art.path} is stale (guest sources changed); it is rebuilt on next use",
+            "smolvm image build",
+        ), True
     return Check("image", OK, f"default image {art.path} (kernel {kver}, {agent})"), True
 
 
@@ -199,25 +267,44 @@ def check_state(d: Path | None) -> list[Check]:
             tokens = {r["vm_id"]: r["value"] for r in store.resources(kind="process")}
         finally:
             store.close()
-    except Exception as exc:  # noqa: BLE001 - any sqlite/state error means an unusable DB
-        return [Check("state-db", FAIL, f"{path}: {exc}",
-                      f"move the file away (mv {path} {path}.broken) and run `smolvm reconcile`; "
-                      "running VMs in it are lost")]
+    except Exception as exc:
+        return [
+            Check(
+                "state-db",
+                FAIL,
+                f"{path}: {exc}",
+                f"move the file away (mv {path} {path}.broken) and run `smolvm reconcile`; "
+                "running VMs in it are lost",
+            )
+        ]
     if integrity != "ok":
-        return [Check("state-db", FAIL, f"{path}: integrity check failed: {integrity}",
-                      f"mv {path} {path}.broken (VMs recorded in it are lost)")]
+        return [
+            Check(
+                "state-db",
+                FAIL,
+                f"{path}: integrity check failed: {integrity}",
+                f"mv {path} {path}.broken (VMs recorded in it are lost)",
+            )
+        ]
     if version != SCHEMA_VERSION:
-        return [Check("state-db", FAIL, f"{path}: schema v{version}, expected v{SCHEMA_VERSION}",
-                      "upgrade smolvm")]
+        return [
+            Check(
+                "state-db", FAIL, f"{path}: schema v{version}, expected v{SCHEMA_VERSION}", "upgrade smolvm"
+            )
+        ]
     checks = [Check("state-db", OK, f"{path}: integrity ok, schema v{version}")]
     from smolvm import procs
+    from smolvm.types import VMState
 
-    running = [r for r in vms if r["status"] in ("running", "paused")]
-    dead = [r["vm_id"] for r in running if not procs.is_alive(r["pid"], tokens.get(r["vm_id"]))]
+    running = [r for r in vms if r.status in (VMState.RUNNING, VMState.PAUSED)]
+    dead = [r.vm_id for r in running if not procs.is_alive(r.pid, tokens.get(r.vm_id))]
     summary = f"{len(vms)} VM(s), {len(running)} running"
     if dead:
-        checks.append(Check("vms", WARN, f"{summary}; VMM gone for {', '.join(dead)}",
-                            "smolvm reconcile && smolvm prune"))
+        checks.append(
+            Check(
+                "vms", WARN, f"{summary}; VMM gone for {', '.join(dead)}", "smolvm reconcile && smolvm prune"
+            )
+        )
     else:
         checks.append(Check("vms", INFO, summary))
     return checks
@@ -228,7 +315,7 @@ def check_backend() -> Check:
 
     try:
         name = resolve_backend(common.OPTS.backend)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return Check("backend", FAIL, str(exc), "--backend qemu")
     fc = shutil.which(os.environ.get("SMOLVM_FIRECRACKER_BIN", "firecracker"))
     extra = "" if fc else " (firecracker not installed)"
@@ -252,8 +339,13 @@ def run_checks(reprobe: bool = False) -> dict[str, Any]:
     checks.append(image_check)
     checks += check_state(d)
     ok = not any(c.status == FAIL for c in checks)
-    return {"ok": ok, "accel": kvm["accel"], "kvm": kvm, "data_dir": str(d) if d else None,
-            "checks": [asdict(c) for c in checks]}
+    return {
+        "ok": ok,
+        "accel": kvm["accel"],
+        "kvm": kvm,
+        "data_dir": str(d) if d else None,
+        "checks": [asdict(c) for c in checks],
+    }
 
 
 _MARK = {OK: "[green]  ok[/]", WARN: "[yellow]warn[/]", FAIL: "[bold red]FAIL[/]", INFO: "[blue]info[/]"}
@@ -261,7 +353,9 @@ _MARK = {OK: "[green]  ok[/]", WARN: "[yellow]warn[/]", FAIL: "[bold red]FAIL[/]
 
 def doctor(
     json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
-    reprobe: Annotated[bool, typer.Option("--reprobe", help="Measure KVM again instead of using this boot's cached probe.")] = False,
+    reprobe: Annotated[
+        bool, typer.Option("--reprobe", help="Measure KVM again instead of using this boot's cached probe.")
+    ] = False,
 ) -> None:
     """Check the host: QEMU, KVM speed, TSC, networking, build tools, disk, image, state DB."""
     report = run_checks(reprobe)
@@ -275,7 +369,8 @@ def doctor(
         fails = sum(c["status"] == FAIL for c in report["checks"])
         warns = sum(c["status"] == WARN for c in report["checks"])
         verdict = "[green]ready[/]" if report["ok"] else "[bold red]not ready[/]"
-        err.print(f"\n{verdict}: {fails} failure(s), {warns} warning(s); guests will use "
-                  f"[bold]{report['accel']}[/]")
+        err.print(
+            f"\n{verdict}: {fails} failure(s), {warns} warning(s); guests will use [bold]{report['accel']}[/]"
+        )
     if not report["ok"]:
         raise typer.Exit(1)

@@ -62,7 +62,9 @@ class _Sink:
                 pass
             # A real signal: it interrupts the main thread's blocking wait (interrupt_main
             # would only set a flag), and SIGUSR1 is not ignored like SIGINT may be.
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+            main_ident = threading.main_thread().ident
+            if main_ident is not None:
+                signal.pthread_kill(main_ident, signal.SIGUSR1)
 
 
 class _PipeClosed(Exception):
@@ -73,16 +75,32 @@ def _on_pipe_closed(signum: int, frame: Any) -> None:
     raise _PipeClosed()
 
 
-def _run_in(vm: Any, command: str, *, timeout: float | None, shell: str, env: dict[str, str],
-            cwd: str | None, stdin: bytes | None) -> int:
+def _run_in(
+    vm: Any,
+    command: str,
+    *,
+    timeout: float | None,
+    shell: str,
+    env: dict[str, str],
+    cwd: str | None,
+    stdin: bytes | None,
+) -> int:
     from smolvm.exceptions import OperationTimeoutError
 
     sys.stdout.flush()
     sys.stderr.flush()
     previous = signal.signal(signal.SIGUSR1, _on_pipe_closed)
     try:
-        res = vm.run(command, timeout=timeout, shell=shell, env=env or None, cwd=cwd, stdin=stdin,
-                     on_stdout=_Sink(sys.stdout.buffer), on_stderr=_Sink(sys.stderr.buffer))
+        res = vm.run(
+            command,
+            timeout=timeout,
+            shell=shell,
+            env=env or None,
+            cwd=cwd,
+            stdin=stdin,
+            on_stdout=_Sink(sys.stdout.buffer),
+            on_stderr=_Sink(sys.stderr.buffer),
+        )
     except OperationTimeoutError as exc:
         common.report_error(exc)
         return EXIT_TIMEOUT
@@ -96,18 +114,41 @@ def _run_in(vm: Any, command: str, *, timeout: float | None, shell: str, env: di
 
 
 def run(
-    args: Annotated[list[str], typer.Argument(
-        help="ID, then the command (after `--`). With --rm: only the command.", metavar="[ID] -- CMD...")],
-    timeout: Annotated[float | None, typer.Option("--timeout", "-t", help="Kill the command after S seconds (exit code 124). Default: no limit.")] = None,
-    shell: Annotated[str, typer.Option("--shell", help="login (loads the profile and VM env vars) or raw.")] = "login",
-    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for this command only (repeatable).")] = None,
-    cwd: Annotated[str | None, typer.Option("--workdir", "-w", help="Working directory in the guest.")] = None,
-    stdin: Annotated[bool, typer.Option("--interactive", "-i", help="Send this process's stdin to the command.")] = False,
-    rm: Annotated[bool, typer.Option("--rm", help="One-shot sandbox: create a VM, run, delete it (no ID).")] = False,
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            help="ID, then the command (after `--`). With --rm: only the command.", metavar="[ID] -- CMD..."
+        ),
+    ],
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout", "-t", help="Kill the command after S seconds (exit code 124). Default: no limit."
+        ),
+    ] = None,
+    shell: Annotated[
+        str, typer.Option("--shell", help="login (loads the profile and VM env vars) or raw.")
+    ] = "login",
+    env: Annotated[
+        list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for this command only (repeatable).")
+    ] = None,
+    cwd: Annotated[
+        str | None, typer.Option("--workdir", "-w", help="Working directory in the guest.")
+    ] = None,
+    stdin: Annotated[
+        bool, typer.Option("--interactive", "-i", help="Send this process's stdin to the command.")
+    ] = False,
+    rm: Annotated[
+        bool, typer.Option("--rm", help="One-shot sandbox: create a VM, run, delete it (no ID).")
+    ] = False,
     mem: Annotated[int | None, typer.Option("--mem", help="With --rm: memory in MiB.", min=128)] = None,
     vcpus: Annotated[int | None, typer.Option("--vcpus", help="With --rm: virtual CPUs.", min=1)] = None,
-    boot_timeout: Annotated[float, typer.Option("--boot-timeout", help="With --rm: boot timeout in seconds.")] = 60.0,
-    no_audit: Annotated[bool, typer.Option("--no-audit", help="Do not record the command in the audit log (`smolvm audit`).")] = False,
+    boot_timeout: Annotated[
+        float, typer.Option("--boot-timeout", help="With --rm: boot timeout in seconds.")
+    ] = 60.0,
+    no_audit: Annotated[
+        bool, typer.Option("--no-audit", help="Do not record the command in the audit log (`smolvm audit`).")
+    ] = False,
 ) -> None:
     """Run a command in a VM, streaming its output; exits with the command's exit code.
 
@@ -125,20 +166,33 @@ def run(
         if (mem, vcpus) != (None, None):
             raise usage_error("--mem/--vcpus only apply with --rm")
         if len(args) < 2:
-            raise usage_error("expected an ID and a command",
-                              "smolvm run ID -- CMD...   or   smolvm run --rm -- CMD...")
+            raise usage_error(
+                "expected an ID and a command", "smolvm run ID -- CMD...   or   smolvm run --rm -- CMD..."
+            )
         vm_id, command = args[0], common.command_line(list(args[1:]))
     data = sys.stdin.buffer.read() if stdin else None
     callbacks = [] if no_audit else _audit_callbacks()
     try:
         if rm:
-            code = _run_rm(command, timeout=timeout, shell=shell, env=per_cmd_env, cwd=cwd, stdin=data,
-                           mem=mem, vcpus=vcpus, boot_timeout=boot_timeout, callbacks=callbacks)
+            code = _run_rm(
+                command,
+                timeout=timeout,
+                shell=shell,
+                env=per_cmd_env,
+                cwd=cwd,
+                stdin=data,
+                mem=mem,
+                vcpus=vcpus,
+                boot_timeout=boot_timeout,
+                callbacks=callbacks,
+            )
         else:
             with open_vm(vm_id, running=True) as vm:
                 for cb in callbacks:
                     vm.add_callback(cb)
-                code = _run_in(vm, command, timeout=timeout, shell=shell, env=per_cmd_env, cwd=cwd, stdin=data)
+                code = _run_in(
+                    vm, command, timeout=timeout, shell=shell, env=per_cmd_env, cwd=cwd, stdin=data
+                )
     finally:
         for cb in callbacks:
             cb.close()
@@ -147,19 +201,20 @@ def run(
 
 def _audit_callbacks() -> list[Any]:
     """The audit log as a run callback, so `smolvm audit` shows CLI commands too."""
-    from smolvm.cli.extras import audit_log
+    from smolvm.cli.audit import audit_log
 
     try:
         return [audit_log()]
-    except Exception as exc:  # noqa: BLE001 - auditing must not stop the command
+    except Exception as exc:
         common.warn(f"audit log unavailable, command not recorded: {exc}")
         return []
 
 
-def _run_rm(command: str, *, mem: int | None, vcpus: int | None, boot_timeout: float,
-            callbacks: list[Any], **kw: Any) -> int:
+def _run_rm(
+    command: str, *, mem: int | None, vcpus: int | None, boot_timeout: float, callbacks: list[Any], **kw: Any
+) -> int:
     from smolvm.cli.vms import build_config
-    from smolvm.facade import SmolVM
+    from smolvm.smolvm import SmolVM
 
     cfg = build_config(vm_id=None, mem=mem, vcpus=vcpus, disk=None, env=None, channel=None)
     vm = SmolVM(cfg, data_dir=common.OPTS.data_dir, backend=common.OPTS.backend, callbacks=callbacks)
@@ -186,14 +241,18 @@ def _split_remote(spec: str) -> tuple[str | None, str]:
 def cp(
     src: Annotated[str, typer.Argument(help="Source: a local path or ID:/guest/path.")],
     dst: Annotated[str, typer.Argument(help="Destination: a local path or ID:/guest/path.")],
-    mode: Annotated[str | None, typer.Option("--mode", help="Octal permissions for an uploaded file (default: keep).")] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help="Octal permissions for an uploaded file (default: keep).")
+    ] = None,
 ) -> None:
     """Copy a file between the host and a VM (exactly one side is ID:/path)."""
     s_vm, s_path = _split_remote(src)
     d_vm, d_path = _split_remote(dst)
     if (s_vm is None) == (d_vm is None):
-        raise usage_error("exactly one of SRC and DST must be ID:/guest/path",
-                          "smolvm cp ./local.txt vm-1234:/tmp/   or   smolvm cp vm-1234:/etc/os-release .")
+        raise usage_error(
+            "exactly one of SRC and DST must be ID:/guest/path",
+            "smolvm cp ./local.txt vm-1234:/tmp/   or   smolvm cp vm-1234:/etc/os-release .",
+        )
     perm = None
     if mode is not None:
         try:
@@ -227,8 +286,11 @@ def _guest_is_dir(vm: Any, path: str) -> bool:
 
 
 # ---------------------------------------------------------------------- env
-env_app = typer.Typer(name="env", no_args_is_help=True,
-                      help="Manage a VM's persistent environment variables (for login-shell commands).")
+env_app = typer.Typer(
+    name="env",
+    no_args_is_help=True,
+    help="Manage a VM's persistent environment variables (for login-shell commands).",
+)
 
 
 def _stored_env(vm: Any) -> dict[str, str]:
@@ -236,7 +298,9 @@ def _stored_env(vm: Any) -> dict[str, str]:
 
 
 @env_app.command("set")
-def env_set(vm_id: VmId, pairs: Annotated[list[str], typer.Argument(help="KEY=VALUE pairs.", metavar="KEY=VALUE...")]) -> None:
+def env_set(
+    vm_id: VmId, pairs: Annotated[list[str], typer.Argument(help="KEY=VALUE pairs.", metavar="KEY=VALUE...")]
+) -> None:
     """Set variables (merged with existing ones; survive stop/start).
 
     On a stopped VM they are stored and applied at the next boot."""
@@ -251,7 +315,9 @@ def env_set(vm_id: VmId, pairs: Annotated[list[str], typer.Argument(help="KEY=VA
 
 
 @env_app.command("unset")
-def env_unset(vm_id: VmId, keys: Annotated[list[str], typer.Argument(help="Variable names.", metavar="KEY...")]) -> None:
+def env_unset(
+    vm_id: VmId, keys: Annotated[list[str], typer.Argument(help="Variable names.", metavar="KEY...")]
+) -> None:
     """Remove variables."""
     with open_vm(vm_id) as vm:
         if str(vm.refresh().status) == "running":

@@ -14,11 +14,11 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from smolvm.cli import common, doctor, execution, extras, images, setup, vms
+from smolvm.cli import audit, common, demo, doctor, execution, images, setup, snapshots, vms
 from smolvm.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, OPTS, err
 
 try:  # recent typer vendors click as typer._click; older releases use the click package
-    from typer._click import exceptions as click_exc  # type: ignore[attr-defined]
+    from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover - depends on the installed typer
     from click import exceptions as click_exc  # type: ignore[no-redef]
 
@@ -34,15 +34,16 @@ class SmolGroup(TyperGroup):
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
             raise typer.Exit(EXIT_INTERRUPTED) from None
-        except Exception as exc:  # noqa: BLE001 - everything else is reported in one line
+        except Exception as exc:
             raise typer.Exit(common.report_error(exc)) from None
 
-    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        standalone_mode = kwargs.get("standalone_mode", True)
+        kwargs["standalone_mode"] = False  # errors are reported here, not by click
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            return super().main(*args, **kwargs)
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            rv = super().main(*args, **kwargs)
         except click_exc.UsageError as exc:
             cmd = exc.ctx.command_path if exc.ctx is not None else "smolvm"
             err.print(f"[bold red]error:[/] {common.esc(exc.format_message())}")
@@ -67,7 +68,7 @@ app = typer.Typer(
     name="smolvm",
     cls=SmolGroup,
     help="Disposable, hardware-isolated Linux microVMs for AI agents.\n\n"
-         "Quick start: `smolvm demo`, or `smolvm run --rm -- uname -a`.",
+    "Quick start: `smolvm demo`, or `smolvm run --rm -- uname -a`.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -76,27 +77,45 @@ app = typer.Typer(
 
 def _version_cb(value: bool) -> None:
     if value:
-        common.out.print(f"smolvm {extras.version_text()}", markup=False)
+        common.out.print(f"smolvm {demo.version_text()}", markup=False)
         raise typer.Exit(0)
 
 
 @app.callback()
 def root(
-    data_dir: Annotated[Path | None, typer.Option(
-        "--data-dir", envvar="SMOLVM_DATA_DIR", show_envvar=True,
-        help="State directory (database, disks, VM dirs). Default: $SMOLVM_DATA_DIR, "
-             "~/.local/state/smolvm, /var/lib/smolvm (first writable).")] = None,
-    backend: Annotated[str | None, typer.Option(
-        "--backend", envvar="SMOLVM_BACKEND", show_envvar=True,
-        help="Hypervisor: auto (default), qemu or firecracker.")] = None,
-    debug: Annotated[bool, typer.Option(
-        "--debug", help="Show tracebacks and debug logs (also SMOLVM_DEBUG=1).")] = False,
-    version: Annotated[bool, typer.Option(
-        "--version", callback=_version_cb, is_eager=True, help="Print the version and exit.")] = False,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            envvar="SMOLVM_DATA_DIR",
+            show_envvar=True,
+            help="State directory (database, disks, VM dirs). Default: $SMOLVM_DATA_DIR, "
+            "~/.local/state/smolvm, /var/lib/smolvm (first writable).",
+        ),
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            "--backend",
+            envvar="SMOLVM_BACKEND",
+            show_envvar=True,
+            help="Hypervisor: auto (default), qemu or firecracker.",
+        ),
+    ] = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks and debug logs (also SMOLVM_DEBUG=1).")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_cb, is_eager=True, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     """Global options apply to every command."""
-    if backend is not None and backend not in ("auto", "qemu", "firecracker"):
-        raise common.usage_error(f"--backend must be auto, qemu or firecracker, got {backend!r}")
+    if backend is not None:
+        from smolvm.backends import BACKENDS
+
+        if backend not in BACKENDS:
+            raise common.usage_error(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     OPTS.debug = OPTS.debug or debug
     common.configure_logging(OPTS.debug)
     if data_dir is not None:
@@ -127,15 +146,15 @@ app.command("run", rich_help_panel=COMMANDS)(execution.run)
 app.command("ssh", rich_help_panel=COMMANDS)(vms.ssh)
 app.command("cp", rich_help_panel=COMMANDS)(execution.cp)
 app.add_typer(execution.env_app, name="env", rich_help_panel=COMMANDS)
-app.command("audit", rich_help_panel=COMMANDS)(extras.audit)
+app.command("audit", rich_help_panel=COMMANDS)(audit.audit)
 
 app.command("setup", rich_help_panel=HOST)(setup.setup)
 app.command("doctor", rich_help_panel=HOST)(doctor.doctor)
 app.add_typer(images.image_app, name="image", rich_help_panel=HOST)
 
-app.add_typer(extras.snapshot_app, name="snapshot", rich_help_panel=MORE)
-app.command("demo", rich_help_panel=MORE)(extras.demo)
-app.command("version", rich_help_panel=MORE)(extras.version)
+app.add_typer(snapshots.snapshot_app, name="snapshot", rich_help_panel=MORE)
+app.command("demo", rich_help_panel=MORE)(demo.demo)
+app.command("version", rich_help_panel=MORE)(demo.version)
 
 
 def main() -> None:

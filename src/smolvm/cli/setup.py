@@ -44,13 +44,14 @@ def missing_packages(packages: list[str] | None = None) -> list[str]:
     """The packages of ``packages`` (default HOST_PACKAGES) that dpkg does not report installed."""
     pkgs = list(packages or HOST_PACKAGES)
     if not shutil.which("dpkg-query"):
-        raise CLIError("dpkg-query not found: `smolvm setup` installs packages on Debian/Ubuntu only",
-                       f"install these with your package manager: {' '.join(pkgs)}; then "
-                       "`smolvm setup --no-apt`")
-    proc = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n", *pkgs],
-                          capture_output=True, text=True)
-    installed = {line.split()[0] for line in proc.stdout.splitlines()
-                 if line.strip().endswith(" installed")}
+        raise CLIError(
+            "dpkg-query not found: `smolvm setup` installs packages on Debian/Ubuntu only",
+            f"install these with your package manager: {' '.join(pkgs)}; then `smolvm setup --no-apt`",
+        )
+    proc = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n", *pkgs], capture_output=True, text=True
+    )
+    installed = {line.split()[0] for line in proc.stdout.splitlines() if line.strip().endswith(" installed")}
     return [p for p in pkgs if p not in installed]
 
 
@@ -64,8 +65,10 @@ def _apt(argv: list[str]) -> None:
     err.print(f"[dim]$ {common.esc(' '.join(prefix + argv))}[/]")
     proc = subprocess.run(prefix + argv, env=env, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
-        raise CLIError(f"`{' '.join(argv[:2])}` failed (exit {proc.returncode})",
-                       "see apt's output above; fix the package sources and rerun `smolvm setup`")
+        raise CLIError(
+            f"`{' '.join(argv[:2])}` failed (exit {proc.returncode})",
+            "see apt's output above; fix the package sources and rerun `smolvm setup`",
+        )
 
 
 def install_packages(missing: list[str]) -> None:
@@ -76,7 +79,9 @@ def install_packages(missing: list[str]) -> None:
 def setup(
     no_apt: Annotated[bool, typer.Option("--no-apt", help="Do not install host packages.")] = False,
     no_image: Annotated[bool, typer.Option("--no-image", help="Do not build the default image.")] = False,
-    force_image: Annotated[bool, typer.Option("--rebuild-image", help="Rebuild the default image even if current.")] = False,
+    force_image: Annotated[
+        bool, typer.Option("--rebuild-image", help="Rebuild the default image even if current.")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be done.")] = False,
 ) -> None:
     """Prepare this host: install missing packages and build the default image.

@@ -42,16 +42,31 @@ def _parse_ports(items: list[str] | None) -> dict[int, int]:
     return fwd
 
 
-def build_config(*, vm_id: str | None, mem: int | None, vcpus: int | None, disk: int | None,
-                 env: list[str] | None, channel: str | None, network: str | None = None,
-                 ports: list[str] | None = None, image: str | None = None) -> Any:
+def build_config(
+    *,
+    vm_id: str | None,
+    mem: int | None,
+    vcpus: int | None,
+    disk: int | None,
+    env: list[str] | None,
+    channel: str | None,
+    network: str | None = None,
+    ports: list[str] | None = None,
+    image: str | None = None,
+) -> Any:
     """A ``VMConfig`` from CLI options (building the default image with progress if needed)."""
     from smolvm.cli.images import ensure_image
     from smolvm.types import VMConfig
 
     fields: dict[str, Any] = {}
-    for key, val in (("vm_id", vm_id), ("mem_size_mib", mem), ("vcpu_count", vcpus),
-                     ("disk_size_mib", disk), ("comm_channel", channel), ("network", network)):
+    for key, val in (
+        ("vm_id", vm_id),
+        ("mem_size_mib", mem),
+        ("vcpu_count", vcpus),
+        ("disk_size_mib", disk),
+        ("comm_channel", channel),
+        ("network", network),
+    ):
         if val is not None:
             fields[key] = val
     if env:
@@ -63,8 +78,10 @@ def build_config(*, vm_id: str | None, mem: int | None, vcpus: int | None, disk:
 
         art = ImageBuilder(common.image_dir()).get(image)
         if art is None:
-            raise CLIError(f"no image named {image!r}", "see `smolvm image list`, or build it with "
-                           f"`smolvm image build {image}`")
+            raise CLIError(
+                f"no image named {image!r}",
+                f"see `smolvm image list`, or build it with `smolvm image build {image}`",
+            )
     else:
         art = ensure_image()  # the default image; a no-op once built
     fields["kernel_path"], fields["rootfs_path"] = art.kernel, art.rootfs
@@ -75,22 +92,45 @@ def create(
     vm_id: Annotated[str | None, typer.Option("--id", help="VM id (default: random vm-xxxxxxxx).")] = None,
     mem: Annotated[int | None, typer.Option("--mem", help="Memory in MiB (default 512).", min=128)] = None,
     vcpus: Annotated[int | None, typer.Option("--vcpus", help="Virtual CPUs (default 1).", min=1)] = None,
-    disk: Annotated[int | None, typer.Option("--disk", help="Disk size in MiB (default: image size).", min=64)] = None,
-    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="Environment variable KEY=VALUE for login shells (repeatable).")] = None,
+    disk: Annotated[
+        int | None, typer.Option("--disk", help="Disk size in MiB (default: image size).", min=64)
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", "-e", help="Environment variable KEY=VALUE for login shells (repeatable)."),
+    ] = None,
     channel: Annotated[str | None, typer.Option("--channel", help="Command channel: auto|agent|ssh.")] = None,
-    network: Annotated[str | None, typer.Option("--network", help="user (NAT, default) | tap (root) | none.")] = None,
-    port: Annotated[list[str] | None, typer.Option("--port", "-p", help="Forward 127.0.0.1:HOST to guest port: HOST:GUEST (repeatable).")] = None,
-    image: Annotated[str | None, typer.Option("--image", help="Image name (default: the default image, built if missing).")] = None,
+    network: Annotated[
+        str | None, typer.Option("--network", help="user (NAT, default) | tap (root) | none.")
+    ] = None,
+    port: Annotated[
+        list[str] | None,
+        typer.Option("--port", "-p", help="Forward 127.0.0.1:HOST to guest port: HOST:GUEST (repeatable)."),
+    ] = None,
+    image: Annotated[
+        str | None, typer.Option("--image", help="Image name (default: the default image, built if missing).")
+    ] = None,
     start: Annotated[bool, typer.Option("--start", help="Boot the VM right away.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Boot timeout in seconds (with --start).")] = 60.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Boot timeout in seconds (with --start).")
+    ] = 60.0,
 ) -> None:
     """Create a VM (not started unless --start) and print its id."""
     if channel is not None and channel not in ("auto", "agent", "ssh"):
         raise usage_error(f"--channel must be auto, agent or ssh, got {channel!r}")
     if network is not None and network not in ("user", "tap", "none"):
         raise usage_error(f"--network must be user, tap or none, got {network!r}")
-    cfg = build_config(vm_id=vm_id, mem=mem, vcpus=vcpus, disk=disk, env=env, channel=channel,
-                       network=network, ports=port, image=image)
+    cfg = build_config(
+        vm_id=vm_id,
+        mem=mem,
+        vcpus=vcpus,
+        disk=disk,
+        env=env,
+        channel=channel,
+        network=network,
+        ports=port,
+        image=image,
+    )
     with open_manager() as m:
         vm = m.create(cfg)
         if start:
@@ -102,14 +142,15 @@ def _start(m: Any, vm_id: str, timeout: float) -> Any:
     t0 = time.monotonic()
     with err.status(f"booting {vm_id}…") if err.is_terminal else contextlib.nullcontext():
         info = m.start(vm_id, boot_timeout=timeout)
-    err.print(f"started {vm_id} in {time.monotonic() - t0:.1f} s "
-              f"(accelerator {info.accelerator or '?'})")
+    err.print(f"started {vm_id} in {time.monotonic() - t0:.1f} s (accelerator {info.accelerator or '?'})")
     return info
 
 
 def start(
     vm_id: VmId,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait until the guest is ready.")] = 60.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait until the guest is ready.")
+    ] = 60.0,
 ) -> None:
     """Boot a created or stopped VM and wait until it is ready."""
     with open_manager() as m:
@@ -122,7 +163,9 @@ def start(
 
 def stop(
     vm_ids: Annotated[list[str], typer.Argument(help="VM id(s).", metavar="ID...")],
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for a clean shutdown before killing.")] = 10.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for a clean shutdown before killing.")
+    ] = 10.0,
 ) -> None:
     """Shut VMs down cleanly (killed after --timeout seconds). Disks are kept."""
     with open_manager() as m:
@@ -152,15 +195,19 @@ def resume(vm_id: VmId) -> None:
 
 def delete(
     vm_ids: Annotated[list[str], typer.Argument(help="VM id(s).", metavar="ID...")],
-    force: Annotated[bool, typer.Option("--force", "-f", help="Delete even if running (stops it first).")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Delete even if running (stops it first).")
+    ] = False,
 ) -> None:
     """Delete VMs: process, disk, forwards and state."""
     with open_manager() as m:
         infos = [m.get(v) for v in vm_ids]  # every id must exist before anything is deleted
         running = [i.vm_id for i in infos if str(i.status) in ("running", "paused")]
         if running and not force:
-            raise CLIError(f"VM {', '.join(running)} is running",
-                           f"stop it first (`smolvm stop {' '.join(running)}`) or pass --force")
+            raise CLIError(
+                f"VM {', '.join(running)} is running",
+                f"stop it first (`smolvm stop {' '.join(running)}`) or pass --force",
+            )
         for i in infos:
             if i.vm_id in running and i.config.retain_disk_on_delete:
                 m.stop(i.vm_id, timeout=5.0)  # the disk survives: let the guest sync it
@@ -169,15 +216,19 @@ def delete(
 
 
 def list_vms(
-    status: Annotated[str | None, typer.Option("--status", help="Only VMs in this state: " + "|".join(STATUSES) + ".")] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="Only VMs in this state: " + "|".join(STATUSES) + ".")
+    ] = None,
     json_out: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print ids only.")] = False,
 ) -> None:
     """List VMs."""
     if status is not None and status not in STATUSES:
         raise usage_error(f"--status must be one of {', '.join(STATUSES)}, got {status!r}")
+    from smolvm.types import VMState
+
     with open_manager() as m:
-        vms = m.list_vms(status)
+        vms = m.list_vms(VMState(status) if status else None)
     if json_out:
         emit_json([vm_to_dict(v) for v in vms])
         return
@@ -186,7 +237,9 @@ def list_vms(
             out.print(v.vm_id, markup=False)
         return
     if not vms:
-        err.print("no VMs" + (f" with status {status}" if status else "") + ": create one with `smolvm create`")
+        err.print(
+            "no VMs" + (f" with status {status}" if status else "") + ": create one with `smolvm create`"
+        )
         return
     from rich.table import Table
 
@@ -195,10 +248,19 @@ def list_vms(
         t.add_column(col)
     for v in vms:
         st = str(v.status)
-        ssh = f"127.0.0.1:{v.network.ssh_host_port}" if v.network.ssh_host_port else (v.network.guest_ip or "-")
-        t.add_row(v.vm_id, f"[{status_style(st)}]{st}[/]" if status_style(st) else st, v.backend,
-                  v.accelerator or "-", str(v.config.vcpu_count), f"{v.config.mem_size_mib} MiB",
-                  ssh, fmt_age(v.created_at))
+        ssh = (
+            f"127.0.0.1:{v.network.ssh_host_port}" if v.network.ssh_host_port else (v.network.guest_ip or "-")
+        )
+        t.add_row(
+            v.vm_id,
+            f"[{status_style(st)}]{st}[/]" if status_style(st) else st,
+            v.backend,
+            v.accelerator or "-",
+            str(v.config.vcpu_count),
+            f"{v.config.mem_size_mib} MiB",
+            ssh,
+            fmt_age(v.created_at),
+        )
     out.print(t)
 
 
@@ -220,13 +282,19 @@ def show_info(vm_id: VmId, json_out: JsonOpt = False) -> None:
     t.add_column()
     st = str(v.status)
     rows: list[tuple[str, str]] = [
-        ("id", v.vm_id), ("status", f"[{status_style(st)}]{st}[/]" if status_style(st) else st),
+        ("id", v.vm_id),
+        ("status", f"[{status_style(st)}]{st}[/]" if status_style(st) else st),
         ("backend", v.backend),
-        ("accelerator", f"{v.accelerator or '-'}" + (f" ({v.accelerator_reason})" if v.accelerator_reason else "")),
-        ("pid", str(v.pid or "-")), ("vcpus", str(v.config.vcpu_count)),
+        (
+            "accelerator",
+            f"{v.accelerator or '-'}" + (f" ({v.accelerator_reason})" if v.accelerator_reason else ""),
+        ),
+        ("pid", str(v.pid or "-")),
+        ("vcpus", str(v.config.vcpu_count)),
         ("memory", f"{v.config.mem_size_mib} MiB"),
         ("disk", f"{v.disk_path}" + (f" ({v.config.disk_size_mib} MiB)" if v.config.disk_size_mib else "")),
-        ("kernel", str(v.config.kernel_path)), ("channel", str(v.config.comm_channel)),
+        ("kernel", str(v.config.kernel_path)),
+        ("channel", str(v.config.comm_channel)),
         ("network", v.network.mode + (f", guest {v.network.guest_ip}" if v.network.guest_ip else "")),
     ]
     if v.network.ssh_host_port:
@@ -234,10 +302,14 @@ def show_info(vm_id: VmId, json_out: JsonOpt = False) -> None:
     if v.network.port_forwards:
         rows.append(("forwards", ", ".join(f"127.0.0.1:{h}→{g}" for h, g in v.network.port_forwards.items())))
     if v.config.env_vars:
-        rows.append(("env", " ".join(f"{k}={shlex.quote(val)}" for k, val in sorted(v.config.env_vars.items()))))
-    rows += [("created", f"{v.created_at} ({fmt_age(v.created_at)})"),
-             ("started", f"{v.started_at} ({fmt_age(v.started_at)})" if v.started_at else "-"),
-             ("vm dir", str(v.vm_dir))]
+        rows.append(
+            ("env", " ".join(f"{k}={shlex.quote(val)}" for k, val in sorted(v.config.env_vars.items())))
+        )
+    rows += [
+        ("created", f"{v.created_at} ({fmt_age(v.created_at)})"),
+        ("started", f"{v.started_at} ({fmt_age(v.started_at)})" if v.started_at else "-"),
+        ("vm dir", str(v.vm_dir)),
+    ]
     if v.snapshot:
         rows.append(("snapshot", v.snapshot))
     if v.error:
@@ -249,7 +321,10 @@ def show_info(vm_id: VmId, json_out: JsonOpt = False) -> None:
 
 def logs(
     vm_id: VmId,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new output until the VM stops (Ctrl-C to quit).")] = False,
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Keep printing new output until the VM stops (Ctrl-C to quit)."),
+    ] = False,
     lines: Annotated[int | None, typer.Option("--lines", "-n", help="Only the last N lines.", min=0)] = None,
 ) -> None:
     """Print the VM's serial console log (kernel and init messages)."""
@@ -288,7 +363,11 @@ def logs(
                     continue
                 if time.monotonic() - last_check > 1.0:
                     last_check = time.monotonic()
-                    if not m.state.vm_exists(vm_id) or str(m.get(vm_id).status) not in ("running", "paused", "created"):
+                    if not m.state.vm_exists(vm_id) or str(m.get(vm_id).status) not in (
+                        "running",
+                        "paused",
+                        "created",
+                    ):
                         return
                 time.sleep(0.1)
         except KeyboardInterrupt:
@@ -297,8 +376,12 @@ def logs(
 
 def ssh(
     vm_id: VmId,
-    command: Annotated[list[str] | None, typer.Argument(help="Optional command to run instead of a shell (after `--`).")] = None,
-    print_only: Annotated[bool, typer.Option("--print", help="Print the ssh command instead of running it.")] = False,
+    command: Annotated[
+        list[str] | None, typer.Argument(help="Optional command to run instead of a shell (after `--`).")
+    ] = None,
+    print_only: Annotated[
+        bool, typer.Option("--print", help="Print the ssh command instead of running it.")
+    ] = False,
     user: Annotated[str, typer.Option("--user", "-u", help="Guest user.")] = "root",
 ) -> None:
     """Open an interactive SSH session (the VM's host key is pinned; no prompts)."""
@@ -307,8 +390,10 @@ def ssh(
         cmds = m.get_ssh_commands(vm_id, ssh_user=user)
     line = cmds.get("localhost_port") or (cmds.get("private_ip") if info.network.mode == "tap" else None)
     if not line:
-        raise CLIError(f"VM {vm_id} has no SSH endpoint (network={info.network.mode})",
-                       "create the VM with --network user (default) or tap")
+        raise CLIError(
+            f"VM {vm_id} has no SSH endpoint (network={info.network.mode})",
+            "create the VM with --network user (default) or tap",
+        )
     argv = shlex.split(line) + list(command or [])
     if print_only:
         out.print(shlex.join(argv), markup=False)
@@ -346,8 +431,10 @@ def prune(
         ids = [v.vm_id for v in victims]
         if not yes:
             if not sys.stdin.isatty():
-                raise usage_error(f"would delete {len(ids)} VM(s): {', '.join(ids)}",
-                                  "pass --yes to confirm when not on a terminal")
+                raise usage_error(
+                    f"would delete {len(ids)} VM(s): {', '.join(ids)}",
+                    "pass --yes to confirm when not on a terminal",
+                )
             if not typer.confirm(f"Delete {len(ids)} VM(s): {', '.join(ids)}?"):
                 raise typer.Exit(1)
         for vm_id in ids:

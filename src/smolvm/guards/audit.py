@@ -14,7 +14,7 @@ Hooks:
 - ``on_run_error`` → status ``error`` with the transport error text.
 - ``on_blocked(ctx, error)`` → status ``blocked`` with the vetoing guard and its reason.
   Callbacks get no post hook for a vetoed command, so the facade calls this optional hook
-  (``smolvm.hooks``) on every callback that defines it.
+  (``smolvm.callbacks``) on every callback that defines it.
 
 Database errors in hooks are logged and counted (``write_errors``), never raised: an audit
 problem must not break a command that already ran.
@@ -23,56 +23,51 @@ problem must not break a command that already ran.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from smolvm.callbacks import Callback, RunContext
 from smolvm.exceptions import CommandBlockedError, SmolVMError, ValidationError
+from smolvm.paths import resolve_data_dir
+from smolvm.state import StateStore
 
 log = logging.getLogger(__name__)
 
 STATUSES = ("ok", "failed", "blocked", "error")
 
-# The audit_log table itself is created by the state store's migration 2 (smolvm.state);
-# this module adds the captured-output table and a time index on top.
-_AUDIT_DDL = """
-CREATE INDEX IF NOT EXISTS audit_started ON audit_log(started_at);
-CREATE TABLE IF NOT EXISTS audit_output (
-    audit_id INTEGER PRIMARY KEY,
-    stdout TEXT,
-    stderr TEXT,
-    truncated INTEGER NOT NULL DEFAULT 0
-);
-"""
-
 _COLUMNS = (
-    "vm_id", "command", "shell", "timeout", "started_at", "ended_at", "duration", "exit_code",
-    "stdout_bytes", "stderr_bytes", "status", "blocked_by", "error", "channel",
+    "vm_id",
+    "command",
+    "shell",
+    "timeout",
+    "started_at",
+    "ended_at",
+    "duration",
+    "exit_code",
+    "stdout_bytes",
+    "stderr_bytes",
+    "status",
+    "blocked_by",
+    "error",
+    "channel",
 )
 
 
 def default_db_path() -> Path:
     """``state.db`` in the SmolVM data dir ($SMOLVM_DATA_DIR, ~/.local/state/smolvm, /var/lib/smolvm)."""
-    try:
-        from smolvm.paths import resolve_data_dir
-    except ImportError:  # pragma: no cover - paths module is part of the package
-        env = os.environ.get("SMOLVM_DATA_DIR")
-        base = Path(env).expanduser() if env else Path.home() / ".local" / "state" / "smolvm"
-        base.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return base / "state.db"
     return resolve_data_dir() / "state.db"
 
 
 def _ts(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, tz=timezone.utc)
+    return None if value is None else datetime.fromtimestamp(value, tz=UTC)
 
 
 @dataclass(frozen=True)
@@ -115,68 +110,34 @@ class AuditStore:
 
     def __init__(self, db_path: Path | str) -> None:
         self.path = Path(db_path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
-            os.close(fd)
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._ensure_schema()
-
-    def _ensure_schema(self) -> None:
-        # The state store owns the file's schema version and creates audit_log.
-        from smolvm.state import StateStore
-
-        StateStore(self.path).close()
-        with self.tx() as conn:
-            for stmt in _AUDIT_DDL.split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
+        # The state store owns the file: its mode, schema (migrations) and connections.
+        self._store = StateStore(self.path)
 
     def connect(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and getattr(self._local, "pid", None) == os.getpid():
-            return conn
-        try:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-        except sqlite3.Error as exc:
-            raise SmolVMError(f"cannot open audit database {self.path}: {exc}", {"path": str(self.path)}) from exc
-        conn.row_factory = sqlite3.Row
-        self._local.conn = conn
-        self._local.pid = os.getpid()
-        with self._lock:
-            self._conns.append(conn)
-        return conn
+        return self._store.connect()
 
-    class _Tx:
-        def __init__(self, conn: sqlite3.Connection) -> None:
-            self.conn = conn
-
-        def __enter__(self) -> sqlite3.Connection:
-            self.conn.execute("BEGIN IMMEDIATE")
-            return self.conn
-
-        def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-
-    def tx(self) -> AuditStore._Tx:
+    def tx(self) -> AbstractContextManager[sqlite3.Connection]:
         """A write transaction taking the lock up front (``BEGIN IMMEDIATE``)."""
-        return AuditStore._Tx(self.connect())
+        return self._store.tx()
 
-    def insert(self, row: dict[str, Any], stdout: str | None = None, stderr: str | None = None, truncated: bool = False) -> int:
+    def insert(
+        self,
+        row: dict[str, Any],
+        stdout: str | None = None,
+        stderr: str | None = None,
+        truncated: bool = False,
+    ) -> int:
         values = [row.get(c) for c in _COLUMNS]
         with self.tx() as conn:
             cur = conn.execute(
-                f"INSERT INTO audit_log ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})", values
+                f"INSERT INTO audit_log ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})",
+                values,
             )
             rid = int(cur.lastrowid or 0)
             if stdout is not None or stderr is not None:
                 conn.execute(
-                    "INSERT OR REPLACE INTO audit_output (audit_id, stdout, stderr, truncated) VALUES (?,?,?,?)",
+                    "INSERT OR REPLACE INTO audit_output (audit_id, stdout, stderr, truncated) "
+                    "VALUES (?,?,?,?)",
                     (rid, stdout, stderr, int(truncated)),
                 )
         return rid
@@ -189,7 +150,8 @@ class AuditStore:
         limit: int | None = 100,
         oldest_first: bool = False,
     ) -> list[AuditRecord]:
-        where, args = [], []  # type: ignore[var-annotated]
+        where: list[str] = []
+        args: list[object] = []
         if vm_id is not None:
             where.append("a.vm_id = ?")
             args.append(vm_id)
@@ -212,11 +174,23 @@ class AuditStore:
         rows = self.connect().execute(sql, args).fetchall()
         recs = [
             AuditRecord(
-                id=r["id"], vm_id=r["vm_id"], command=r["command"], shell=r["shell"], timeout=r["timeout"],
-                started_at=_ts(r["started_at"]), ended_at=_ts(r["ended_at"]), duration=r["duration"],  # type: ignore[arg-type]
-                exit_code=r["exit_code"], stdout_bytes=r["stdout_bytes"], stderr_bytes=r["stderr_bytes"],
-                status=r["status"], blocked_by=r["blocked_by"], error=r["error"], channel=r["channel"],
-                stdout=r["out_text"], stderr=r["err_text"],
+                id=r["id"],
+                vm_id=r["vm_id"],
+                command=r["command"],
+                shell=r["shell"],
+                timeout=r["timeout"],
+                started_at=datetime.fromtimestamp(r["started_at"], tz=UTC),
+                ended_at=_ts(r["ended_at"]),
+                duration=r["duration"],
+                exit_code=r["exit_code"],
+                stdout_bytes=r["stdout_bytes"],
+                stderr_bytes=r["stderr_bytes"],
+                status=r["status"],
+                blocked_by=r["blocked_by"],
+                error=r["error"],
+                channel=r["channel"],
+                stdout=r["out_text"],
+                stderr=r["err_text"],
             )
             for r in rows
         ]
@@ -245,14 +219,7 @@ class AuditStore:
         return deleted
 
     def close(self) -> None:
-        with self._lock:
-            for c in self._conns:
-                try:
-                    c.close()
-                except sqlite3.Error:
-                    pass
-            self._conns.clear()
-        self._local = threading.local()
+        self._store.close()
 
 
 @dataclass
@@ -309,10 +276,21 @@ class AuditLog(Callback):
         max_output_bytes: int = 64 * 1024,
         prune_every: int | None = 1000,
     ) -> None:
-        if retention_days is not None and (isinstance(retention_days, bool) or not isinstance(retention_days, (int, float)) or not retention_days > 0):
-            raise ValidationError(f"retention_days must be a positive number or None, got {retention_days!r}", field="retention_days")
-        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-            raise ValidationError(f"max_rows must be a positive integer or None, got {max_rows!r}", field="max_rows")
+        if retention_days is not None and (
+            isinstance(retention_days, bool)
+            or not isinstance(retention_days, (int, float))
+            or not retention_days > 0
+        ):
+            raise ValidationError(
+                f"retention_days must be a positive number or None, got {retention_days!r}",
+                field="retention_days",
+            )
+        if max_rows is not None and (
+            isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1
+        ):
+            raise ValidationError(
+                f"max_rows must be a positive integer or None, got {max_rows!r}", field="max_rows"
+            )
         if not isinstance(max_output_bytes, int) or max_output_bytes < 0:
             raise ValidationError("max_output_bytes must be an integer >= 0", field="max_output_bytes")
         if prune_every is not None and (not isinstance(prune_every, int) or prune_every < 1):
@@ -335,7 +313,9 @@ class AuditLog(Callback):
 
     def on_pre_run(self, ctx: RunContext) -> None:
         started = _epoch(getattr(ctx, "started_at", None))
-        p = _Pending(ctx.vm_id, ctx.command, started if started is not None else time.time(), time.monotonic())
+        p = _Pending(
+            ctx.vm_id, ctx.command, started if started is not None else time.time(), time.monotonic()
+        )
         with self._lock:
             self._pending[id(ctx)] = p
             self._pending.move_to_end(id(ctx))
@@ -411,7 +391,9 @@ class AuditLog(Callback):
         else:
             since_ts = _epoch(since)
             if since_ts is None:
-                raise ValidationError(f"since must be a datetime, timedelta or epoch seconds, got {since!r}", field="since")
+                raise ValidationError(
+                    f"since must be a datetime, timedelta or epoch seconds, got {since!r}", field="since"
+                )
         statuses: tuple[str, ...] | None
         if status is None:
             statuses = None
@@ -419,9 +401,13 @@ class AuditLog(Callback):
             statuses = (status,) if isinstance(status, str) else tuple(status)
             bad = [s for s in statuses if s not in STATUSES]
             if bad:
-                raise ValidationError(f"unknown status {bad[0]!r}; use one of {', '.join(STATUSES)}", field="status")
+                raise ValidationError(
+                    f"unknown status {bad[0]!r}; use one of {', '.join(STATUSES)}", field="status"
+                )
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise ValidationError(f"limit must be a non-negative integer or None, got {limit!r}", field="limit")
+            raise ValidationError(
+                f"limit must be a non-negative integer or None, got {limit!r}", field="limit"
+            )
         return self.store.query(vm_id, since_ts, statuses, limit, oldest_first)
 
     def prune(self) -> int:
@@ -438,7 +424,10 @@ class AuditLog(Callback):
         self.close()
 
     def __repr__(self) -> str:
-        return f"AuditLog(db_path={str(self.db_path)!r}, retention_days={self.retention_days}, max_rows={self.max_rows})"
+        return (
+            f"AuditLog(db_path={str(self.db_path)!r}, retention_days={self.retention_days}, "
+            f"max_rows={self.max_rows})"
+        )
 
     # ------------------------------------------------------------------ internals
 
@@ -462,7 +451,9 @@ class AuditLog(Callback):
             "vm_id": ctx.vm_id,
             "command": ctx.command,
             "shell": ctx.shell,
-            "timeout": float(timeout) if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) else None,
+            "timeout": float(timeout)
+            if isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+            else None,
             "started_at": started,
             "ended_at": now_wall,
             "duration": duration,
@@ -477,7 +468,13 @@ class AuditLog(Callback):
             return text, False
         return raw[: self.max_output_bytes].decode("utf-8", "ignore"), True
 
-    def _write(self, row: dict[str, Any], stdout: str | None = None, stderr: str | None = None, truncated: bool = False) -> None:
+    def _write(
+        self,
+        row: dict[str, Any],
+        stdout: str | None = None,
+        stderr: str | None = None,
+        truncated: bool = False,
+    ) -> None:
         if self._safe(self.store.insert, row, stdout, stderr, truncated) is None:
             return
         with self._lock:

@@ -42,7 +42,10 @@ class InjectionVerdict:
     def message(self) -> str:
         if self.error is not None:
             return f"Prompt-injection classifier failed ({self.error}); command blocked (fail_closed=True)."
-        return f"Prompt injection detected ({self.label}, score={self.score:.2f}, threshold={self.threshold:.2f})."
+        return (
+            f"Prompt injection detected ({self.label}, score={self.score:.2f}, "
+            f"threshold={self.threshold:.2f})."
+        )
 
 
 _SEPARATORS = (";", "\n", "&&", "||", "|")
@@ -83,9 +86,9 @@ class PromptInjectionGuard(Callback):
         block_labels: labels (case-insensitive) that mean "injection". Different models
             name the positive class ``malicious``, ``injection`` or ``LABEL_1``.
         max_chars: commands longer than this are classified in windows of at most
-            ``max_chars`` characters (overlapping by 1/8, edges moved to a command separator or whitespace), at most
-            ``max_windows`` of them spread evenly and always including the start and the
-            end; any flagged window blocks.
+            ``max_chars`` characters (overlapping by 1/8, edges moved to a command separator
+            or whitespace), at most ``max_windows`` of them spread evenly and always
+            including the start and the end; any flagged window blocks.
         max_windows: see ``max_chars``.
         fail_closed: when the classifier raises or returns an unexpected shape, block the
             command (default). With ``False`` the error is logged and the command runs.
@@ -105,9 +108,17 @@ class PromptInjectionGuard(Callback):
         fail_closed: bool = True,
     ) -> None:
         if not callable(classifier):
-            raise ValidationError("classifier must be callable (e.g. a transformers pipeline)", field="classifier")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
-            raise ValidationError(f"threshold must be a number between 0 and 1, got {threshold!r}", field="threshold")
+            raise ValidationError(
+                "classifier must be callable (e.g. a transformers pipeline)", field="classifier"
+            )
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not 0.0 <= float(threshold) <= 1.0
+        ):
+            raise ValidationError(
+                f"threshold must be a number between 0 and 1, got {threshold!r}", field="threshold"
+            )
         if isinstance(block_labels, str):
             block_labels = [block_labels]
         labels = frozenset(str(lbl).lower() for lbl in block_labels)
@@ -116,7 +127,9 @@ class PromptInjectionGuard(Callback):
         if not isinstance(max_chars, int) or max_chars < 16:
             raise ValidationError(f"max_chars must be an integer >= 16, got {max_chars!r}", field="max_chars")
         if not isinstance(max_windows, int) or max_windows < 1:
-            raise ValidationError(f"max_windows must be an integer >= 1, got {max_windows!r}", field="max_windows")
+            raise ValidationError(
+                f"max_windows must be an integer >= 1, got {max_windows!r}", field="max_windows"
+            )
         self.classifier = classifier
         self.threshold = float(threshold)
         self.block_labels = labels
@@ -168,9 +181,11 @@ class PromptInjectionGuard(Callback):
         for piece in self.windows(text):
             try:
                 label, score = self.predict(piece)
-            except Exception as exc:  # noqa: BLE001 - any classifier failure
+            except Exception as exc:
                 if self.fail_closed:
-                    return InjectionVerdict("error", 1.0, self.threshold, piece, error=f"{type(exc).__name__}: {exc}")
+                    return InjectionVerdict(
+                        "error", 1.0, self.threshold, piece, error=f"{type(exc).__name__}: {exc}"
+                    )
                 log.warning("prompt-injection classifier failed, allowing command: %s", exc)
                 return None
             if label in self.block_labels and score >= self.threshold:

@@ -12,12 +12,20 @@ import posixpath
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from smolvm.guards import _shellparse as sp
+from smolvm.guards import shellparse as sp
 
-if TYPE_CHECKING:
-    from smolvm.guards.safety import SafetyPolicy
+
+class SafetyPolicy(Protocol):
+    """What rules read from a policy (:class:`smolvm.guards.safety.SafetyPolicy`)."""
+
+    denied_programs: frozenset[str]
+    block_device_reads: bool
+
+    @property
+    def protected_norm(self) -> tuple[str, ...]: ...
+
 
 @dataclass
 class SimpleCommand:
@@ -98,7 +106,7 @@ UNPARSEABLE = "unparseable"
 _GLOB_CHARS = set("*?[")
 
 
-def _normpath(p: str) -> str:
+def normpath(p: str) -> str:
     if p in ("~", "$HOME", "${HOME}"):
         return "~"
     for pre in ("~/", "$HOME/", "${HOME}/"):
@@ -114,15 +122,15 @@ def _normpath(p: str) -> str:
     return p
 
 
-def _resolve(target: str, cwd: str | None) -> str | None:
+def resolve_path(target: str, cwd: str | None) -> str | None:
     """Normalised absolute (or ``~``-rooted) form of ``target``, or None if unknown."""
     if not target:
         return None
     if target.startswith(("/", "~", "$HOME", "${HOME}")):
-        return _normpath(target)
+        return normpath(target)
     if cwd is None or "$" in target:
         return None
-    return _normpath(cwd.rstrip("/") + "/" + target) if cwd != "~" else _normpath("~/" + target)
+    return normpath(cwd.rstrip("/") + "/" + target) if cwd != "~" else normpath("~/" + target)
 
 
 def _is_under(path: str, root: str) -> bool:
@@ -134,15 +142,15 @@ def _is_under(path: str, root: str) -> bool:
 def _protected_hit(target: str, cwd: str | None, policy: SafetyPolicy) -> str | None:
     """The protected path ``target`` would destroy, if any."""
     for word in sp.expand_braces(target):
-        path = _resolve(word, cwd)
+        path = resolve_path(word, cwd)
         if path is None:
             continue
-        prot: tuple[str, ...] = policy._protected_norm  # type: ignore[attr-defined]
+        prot = policy.protected_norm
         if any(c in path for c in _GLOB_CHARS):
             head, tail = posixpath.split(path)
             # "P/*", "P/.*", "P/.[!.]*": the whole contents of P
             if tail and set(tail) <= set("*?.[]!") and "*" in tail:
-                base = _normpath(head or "/")
+                base = normpath(head or "/")
                 if base in prot or any(_is_under(p, base) for p in prot):
                     return base
             for p in prot:
@@ -165,15 +173,27 @@ _BLOCK_DEVICE = re.compile(
     r"mapper/.+|disk/.+|root|mem|kmem|port|sg\d+|block/.+|[a-z]+/[a-z0-9_-]+"
     r")$"
 )
-_DEVICE_SAMPLES = ("/dev/sda", "/dev/sda1", "/dev/vda", "/dev/vda1", "/dev/hda", "/dev/xvda", "/dev/nvme0n1", "/dev/mmcblk0", "/dev/dm-0", "/dev/md0", "/dev/mem")
+_DEVICE_SAMPLES = (
+    "/dev/sda",
+    "/dev/sda1",
+    "/dev/vda",
+    "/dev/vda1",
+    "/dev/hda",
+    "/dev/xvda",
+    "/dev/nvme0n1",
+    "/dev/mmcblk0",
+    "/dev/dm-0",
+    "/dev/md0",
+    "/dev/mem",
+)
 
 
 def _is_block_device(path: str) -> bool:
-    if path.startswith("/proc/") and _normpath(path) == "/proc/sysrq-trigger":
+    if path.startswith("/proc/") and normpath(path) == "/proc/sysrq-trigger":
         return True  # writing it reboots or crashes the kernel
     if not path.startswith("/dev/"):
         return False
-    path = _normpath(path)
+    path = normpath(path)
     if _SAFE_DEVICES.match(path):
         return False
     if any(c in path for c in _GLOB_CHARS):
@@ -224,7 +244,9 @@ def _split_opts(args: list[str], with_value: Iterable[str] = ()) -> tuple[set[st
 # Rules
 # --------------------------------------------------------------------------------------
 
-_FORMAT_PROGRAMS = re.compile(r"^(mkfs(\.\w+)?|mke2fs|mkdosfs|mkntfs|mkexfatfs|mkreiserfs|mkswap|mkfs\w*|wipefs)$")
+_FORMAT_PROGRAMS = re.compile(
+    r"^(mkfs(\.\w+)?|mke2fs|mkdosfs|mkntfs|mkexfatfs|mkreiserfs|mkswap|mkfs\w*|wipefs)$"
+)
 _PARTITION_PROGRAMS = {"fdisk", "sfdisk", "cfdisk", "gdisk", "sgdisk", "parted", "blkdiscard", "badblocks"}
 
 
@@ -237,7 +259,7 @@ def _rule_recursive_delete(cmd: SimpleCommand, policy: SafetyPolicy) -> str | No
             hit = _protected_hit(t, cmd.cwd, policy)
             if hit is None:
                 continue
-            path = _resolve(t, cmd.cwd) or t
+            path = resolve_path(t, cmd.cwd) or t
             if recursive or any(c in path for c in _GLOB_CHARS):
                 return f"recursive delete of protected path {hit!r} (target {t!r})"
         return None
@@ -249,15 +271,18 @@ def _rule_recursive_delete(cmd: SimpleCommand, policy: SafetyPolicy) -> str | No
                 break
             starts.append(a)
         deletes = "-delete" in cmd.args or any(
-            a in ("-exec", "-execdir", "-ok", "-okdir") and i + 1 < len(cmd.args) and posixpath.basename(cmd.args[i + 1]) in ("rm", "shred", "unlink")
+            a in ("-exec", "-execdir", "-ok", "-okdir")
+            and i + 1 < len(cmd.args)
+            and posixpath.basename(cmd.args[i + 1]) in ("rm", "shred", "unlink")
             for i, a in enumerate(cmd.args)
         )
         if deletes:
             for s in starts:
-                path = _resolve(s, cmd.cwd)
-                if path is None:
+                found = resolve_path(s, cmd.cwd)
+                if found is None:
                     continue
-                prot: tuple[str, ...] = policy._protected_norm  # type: ignore[attr-defined]
+                path = found
+                prot = policy.protected_norm
                 for p in prot:
                     if path == p or _is_under(p, path):
                         return f"find deletes under protected path {p!r} (start {s!r})"
@@ -291,7 +316,24 @@ def _rule_block_device_write(cmd: SimpleCommand, policy: SafetyPolicy) -> str | 
         return None
     if prog in _PARTITION_PROGRAMS and devices:
         flags, operands = _split_opts(args)
-        read_only = flags & {"-l", "--list", "-d", "--dump", "-p", "--print", "-s", "--show-size", "-V", "--verify", "-h", "--help"} or "print" in operands
+        read_only = (
+            flags
+            & {
+                "-l",
+                "--list",
+                "-d",
+                "--dump",
+                "-p",
+                "--print",
+                "-s",
+                "--show-size",
+                "-V",
+                "--verify",
+                "-h",
+                "--help",
+            }
+            or "print" in operands
+        )
         if prog == "badblocks":
             read_only = not (flags & {"-w", "-n"})
         if not read_only:
@@ -300,7 +342,10 @@ def _rule_block_device_write(cmd: SimpleCommand, policy: SafetyPolicy) -> str | 
     if prog == "tee" and devices:
         return f"tee writes to block device {devices[0]!r}"
     if prog in ("cp", "install", "mv", "pv", "ddrescue", "cat") and devices:
-        _flags, operands = _split_opts(args, ("-t", "--target-directory", "-S", "--suffix", "-m", "--mode", "-o", "--owner", "-g", "--group"))
+        _flags, operands = _split_opts(
+            args,
+            ("-t", "--target-directory", "-S", "--suffix", "-m", "--mode", "-o", "--owner", "-g", "--group"),
+        )
         if prog in ("cp", "install", "mv", "ddrescue") and operands and _is_block_device(operands[-1]):
             return f"{prog} writes to block device {operands[-1]!r}"
     if policy.block_device_reads and devices:
@@ -336,10 +381,19 @@ def _rule_fork_bomb(cmd: SimpleCommand, policy: SafetyPolicy) -> str | None:
 
 
 BUILTIN_RULES: tuple[Rule, ...] = (
-    Rule("recursive-delete", "rm -r / find -delete of a protected path, its ancestors or its whole contents", _rule_recursive_delete),
+    Rule(
+        "recursive-delete",
+        "rm -r / find -delete of a protected path, its ancestors or its whole contents",
+        _rule_recursive_delete,
+    ),
     Rule("filesystem-format", "mkfs, mkfs.*, mke2fs, mkswap, wipefs and friends", _rule_filesystem_format),
     Rule("fork-bomb", "a function that calls itself in a pipeline or in the background", _rule_fork_bomb),
-    Rule("block-device-write", "dd of=/dev/..., > /dev/sda (also on { }, loops, subshells), shred /dev/..., partitioning tools, tee/cp onto devices, /proc/sysrq-trigger", _rule_block_device_write),
+    Rule(
+        "block-device-write",
+        "dd of=/dev/..., > /dev/sda (also on { }, loops, subshells), shred /dev/..., "
+        "partitioning tools, tee/cp onto devices, /proc/sysrq-trigger",
+        _rule_block_device_write,
+    ),
     Rule("recursive-permissions", "chmod/chown/chgrp -R on a protected path", _rule_recursive_permissions),
     Rule("denied-program", "programs listed in SafetyPolicy.denied_programs", _rule_denied_program),
 )

@@ -26,8 +26,7 @@ import bashlex.errors
 
 from smolvm.callbacks import Callback, RunContext
 from smolvm.exceptions import CommandBlockedError, ValidationError
-from smolvm.guards import _shellparse as sp
-from smolvm.guards._wrappers import _unwrap
+from smolvm.guards import shellparse as sp
 from smolvm.guards.rules import (
     BUILTIN_RULES,
     DEFAULT_PROTECTED_PATHS,
@@ -35,9 +34,10 @@ from smolvm.guards.rules import (
     UNPARSEABLE,
     Rule,
     SimpleCommand,
-    _normpath,
-    _resolve,
+    normpath,
+    resolve_path,
 )
+from smolvm.guards.wrappers import unwrap
 
 # --------------------------------------------------------------------------------------
 # Verdicts and the policy
@@ -62,7 +62,9 @@ class Verdict:
 
     @property
     def message(self) -> str:
-        return f"Blocked by SafetyGuard rule {self.rule!r}: {self.reason} (in sub-command {self.subcommand!r})"
+        return (
+            f"Blocked by SafetyGuard rule {self.rule!r}: {self.reason} (in sub-command {self.subcommand!r})"
+        )
 
     def __str__(self) -> str:
         return self.message
@@ -98,6 +100,7 @@ class SafetyPolicy:
     max_depth: int = 8
     extra_rules: tuple[Rule, ...] = ()
     _allow_re: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
+    _protected_norm: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disabled_rules", frozenset(self.disabled_rules))
@@ -124,9 +127,12 @@ class SafetyPolicy:
         except re.error as exc:
             raise ValidationError(f"invalid allow pattern: {exc}", field="allow_patterns") from None
         object.__setattr__(self, "_allow_re", compiled)
-        object.__setattr__(
-            self, "_protected_norm", tuple(_normpath(p) for p in self.protected_paths)
-        )
+        object.__setattr__(self, "_protected_norm", tuple(normpath(p) for p in self.protected_paths))
+
+    @property
+    def protected_norm(self) -> tuple[str, ...]:
+        """``protected_paths``, normalised (what the rules compare against)."""
+        return self._protected_norm
 
     def is_enabled(self, rule: str) -> bool:
         return rule not in self.disabled_rules
@@ -197,7 +203,9 @@ class _Analyzer:
         parsed, src, quoted = self._parse(text)
         if parsed is None:
             if self.policy.fail_closed:
-                self.block(UNPARSEABLE, f"command could not be parsed ({src}); refusing to run it unchecked", text)
+                self.block(
+                    UNPARSEABLE, f"command could not be parsed ({src}); refusing to run it unchecked", text
+                )
             return
         self.src_stack_push(src, quoted)
         try:
@@ -218,7 +226,16 @@ class _Analyzer:
         for cand in candidates:
             try:
                 return bashlex.parse(cand), cand, (quoted if cand is not text else set())
-            except (bashlex.errors.ParsingError, NotImplementedError, AttributeError, IndexError, TypeError, ValueError, AssertionError, RecursionError) as exc:
+            except (
+                bashlex.errors.ParsingError,
+                NotImplementedError,
+                AttributeError,
+                IndexError,
+                TypeError,
+                ValueError,
+                AssertionError,
+                RecursionError,
+            ) as exc:
                 if not err:
                     err = f"{type(exc).__name__}: {exc}"
         return None, err, set()
@@ -262,7 +279,11 @@ class _Analyzer:
                 if p.kind != "operator":
                     self.visit(p, depth, scope)
         elif kind == "compound":
-            inner = scope.copy() if node.list and node.list[0].kind == "reservedword" and node.list[0].word == "(" else scope
+            inner = (
+                scope.copy()
+                if node.list and node.list[0].kind == "reservedword" and node.list[0].word == "("
+                else scope
+            )
             for p in node.list:
                 self.visit(p, depth, inner)
             redirects = getattr(node, "redirects", None) or []
@@ -318,6 +339,7 @@ class _Analyzer:
         # $'...': unquote the source text ourselves.
         value = sp.shell_unquote(raw) if raw else w.word
         if "$" in value:
+
             def sub(m: re.Match[str]) -> str:
                 name = m.group(1) or m.group(2)
                 return scope.env.get(name, m.group(0))
@@ -382,9 +404,17 @@ class _Analyzer:
         self.check_simple(argv, redirects, text, depth, scope, stdin_text)
         if argv and argv[0] == "cd":
             dest = argv[1] if len(argv) > 1 else "~"
-            scope.cwd = _resolve(dest, scope.cwd) if dest != "-" else None
+            scope.cwd = resolve_path(dest, scope.cwd) if dest != "-" else None
 
-    def check_simple(self, argv: list[str], redirects: list[tuple[str, str]], text: str, depth: int, scope: _Scope, stdin_text: str | None) -> None:
+    def check_simple(
+        self,
+        argv: list[str],
+        redirects: list[tuple[str, str]],
+        text: str,
+        depth: int,
+        scope: _Scope,
+        stdin_text: str | None,
+    ) -> None:
         if self.policy.allowed(text):
             return  # allow-listed: its own rules and unwrapping are skipped
         seen = 0
@@ -394,12 +424,13 @@ class _Analyzer:
                 break
             cmd = SimpleCommand(list(argv), redirects, text, scope.cwd)
             for rule in self.policy.rules:
-                reason = rule.check(cmd, self.policy)
+                # mypy reads a frozen dataclass field as writable, the Protocol's as read-only.
+                reason = rule.check(cmd, self.policy)  # type: ignore[arg-type]
                 if reason:
                     self.block(rule.name, reason, " ".join(argv) if text.strip() == "" else text)
             redirects = []  # checked once
             self._check_embedded(argv, depth, scope)
-            un = _unwrap(argv)
+            un = unwrap(argv)
             if un is None:
                 return
             if un.script is not None:
@@ -447,7 +478,9 @@ class _Analyzer:
         name = node.name.word if hasattr(node, "name") else node.parts[0].word
         body = node.body if hasattr(node, "body") else node.parts[-1]
         if self.policy.is_enabled("fork-bomb") and _self_spawning(name, body):
-            self.block("fork-bomb", f"function {name!r} spawns copies of itself (fork bomb)", self.text_of(node))
+            self.block(
+                "fork-bomb", f"function {name!r} spawns copies of itself (fork bomb)", self.text_of(node)
+            )
         self.visit(body, depth, scope.copy())
 
 
@@ -456,7 +489,7 @@ def _call_name(node: Any) -> str | None:
     for _ in range(8):
         if not words:
             return None
-        un = _unwrap(words)
+        un = unwrap(words)
         if un is None or un.argv is None:
             return words[0]
         words = un.argv
@@ -533,7 +566,12 @@ class SafetyGuard(Callback):
         verdict = check_command(ctx.command, self.policy)
         if verdict is not None:
             err = CommandBlockedError(verdict.message, vm_id=ctx.vm_id, command=ctx.command)
-            err.details.update(rule=verdict.rule, reason=verdict.reason, subcommand=verdict.subcommand, guard=type(self).__name__)
+            err.details.update(
+                rule=verdict.rule,
+                reason=verdict.reason,
+                subcommand=verdict.subcommand,
+                guard=type(self).__name__,
+            )
             err.verdict = verdict  # type: ignore[attr-defined]
             raise err
 

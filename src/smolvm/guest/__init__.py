@@ -25,7 +25,8 @@ AGENT_SOURCES: list[Path] = [
     GUEST_DIR / "agent_file.c",
 ]
 
-_CFLAGS = ["-static", "-Os", "-s", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+# Warnings are errors: the agent is the one component every guest runs (CI builds it this way).
+_CFLAGS = ["-static", "-Os", "-s", "-std=gnu11", "-Wall", "-Wextra", "-Werror"]
 
 
 def _find_compiler(cc: str | None) -> str:

@@ -44,7 +44,7 @@
 #include <unistd.h>
 
 /* <linux/vm_sockets.h> is not in musl's include path. */
-#define AF_VSOCK_ 40
+#define AF_VSOCK_       40
 #define VMADDR_CID_ANY_ 0xFFFFFFFFu
 struct sockaddr_vm_ {
     unsigned short svm_family, svm_reserved1;
@@ -56,7 +56,10 @@ int g_pid1, g_dry_time, g_shutdown;
 static int g_sigfd = -1, g_unix_fd = -1, g_vsock_fd = -1;
 static const char *g_unix_path;
 #define MAX_VPORTS 8
-static struct { struct chan *ch; char dev[72]; } g_vports[MAX_VPORTS];
+static struct {
+    struct chan *ch;
+    char dev[72];
+} g_vports[MAX_VPORTS];
 static int g_nvports;
 static const char *g_port_name;
 static int g_guest, g_vsock_port = 52, g_ready_port = -1, g_ready_done;
@@ -99,13 +102,15 @@ void logmsg(const char *fmt, ...)
     va_start(ap, fmt);
     n += vsnprintf(buf + n, sizeof buf - (size_t)n - 1, fmt, ap);
     va_end(ap);
-    if (n > (int)sizeof buf - 2)
-        n = (int)sizeof buf - 2;
+    if (n > (int)sizeof buf - 2) n = (int)sizeof buf - 2;
     buf[n++] = '\n';
     (void)!write(2, buf, (size_t)n);
 }
 
-static void on_signal(int sig) { (void)sig; } /* never runs: signals are blocked */
+static void on_signal(int sig)
+{
+    (void)sig;
+} /* never runs: signals are blocked */
 
 static void setup_signals(void)
 {
@@ -127,14 +132,12 @@ static void setup_signals(void)
 static int listen_unix(const char *path)
 {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    if (strlen(path) >= sizeof sa.sun_path)
-        return -1;
+    if (strlen(path) >= sizeof sa.sun_path) return -1;
     strcpy(sa.sun_path, path);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     unlink(path);
     if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) || listen(fd, 16)) {
-        if (fd >= 0)
-            close(fd);
+        if (fd >= 0) close(fd);
         return -1;
     }
     return fd;
@@ -142,12 +145,11 @@ static int listen_unix(const char *path)
 
 static int listen_vsock(unsigned port)
 {
-    struct sockaddr_vm_ sa = {.svm_family = AF_VSOCK_, .svm_port = port,
-                              .svm_cid = VMADDR_CID_ANY_};
+    struct sockaddr_vm_ sa = {
+        .svm_family = AF_VSOCK_, .svm_port = port, .svm_cid = VMADDR_CID_ANY_};
     int fd = socket(AF_VSOCK_, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) || listen(fd, 16)) {
-        if (fd >= 0)
-            close(fd);
+        if (fd >= 0) close(fd);
         return -1;
     }
     return fd;
@@ -155,8 +157,7 @@ static int listen_vsock(unsigned port)
 
 static int port_wanted(const char *name)
 {
-    if (g_port_name)
-        return !strcmp(name, g_port_name);
+    if (g_port_name) return !strcmp(name, g_port_name);
     return !strcmp(name, "smolvm.agent") || !strncmp(name, "smolvm.agent.", 13) ||
            !strcmp(name, "agent");
 }
@@ -164,8 +165,7 @@ static int port_wanted(const char *name)
 static int vport_known(const char *dev)
 {
     for (int i = 0; i < g_nvports; i++)
-        if (!strcmp(g_vports[i].dev, dev))
-            return 1;
+        if (!strcmp(g_vports[i].dev, dev)) return 1;
     return 0;
 }
 
@@ -175,8 +175,7 @@ static void scan_vports(void)
 {
     char p[300], name[128];
     DIR *d = opendir("/sys/class/virtio-ports");
-    if (!d)
-        return;
+    if (!d) return;
     struct dirent *e;
     while (g_nvports < MAX_VPORTS && (e = readdir(d))) {
         if (e->d_name[0] == '.' || strlen(e->d_name) >= sizeof g_vports[0].dev ||
@@ -184,20 +183,16 @@ static void scan_vports(void)
             continue;
         snprintf(p, sizeof p, "/sys/class/virtio-ports/%s/name", e->d_name);
         int nf = open(p, O_RDONLY | O_CLOEXEC);
-        if (nf < 0)
-            continue;
+        if (nf < 0) continue;
         ssize_t r = read(nf, name, sizeof name - 1);
         close(nf);
-        if (r <= 0)
-            continue;
+        if (r <= 0) continue;
         name[r] = 0;
         name[strcspn(name, "\n")] = 0;
-        if (!port_wanted(name))
-            continue;
+        if (!port_wanted(name)) continue;
         snprintf(p, sizeof p, "/dev/%s", e->d_name);
         int fd = open(p, O_RDWR | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
-        if (fd < 0)
-            continue; /* device node not there yet: the next scan retries */
+        if (fd < 0) continue; /* device node not there yet: the next scan retries */
         struct chan *ch = chan_open(fd, CH_PERSIST, 1);
         if (!ch) {
             close(fd);
@@ -214,8 +209,7 @@ static void scan_vports(void)
  * reconnect that raced with arming O_ASYNC; a slow timer is the fallback after that. */
 static void vport_hangup(struct chan *ch)
 {
-    if (ch->disconnected)
-        return;
+    if (ch->disconnected) return;
     chan_end_session(ch);
     ch->disconnected = 1;
     fcntl(ch->fd, F_SETOWN, getpid());
@@ -226,8 +220,7 @@ static void vport_hangup(struct chan *ch)
 static int vports_down(void)
 {
     for (int i = 0; i < g_nvports; i++)
-        if (g_vports[i].ch->disconnected)
-            return 1;
+        if (g_vports[i].ch->disconnected) return 1;
     return 0;
 }
 
@@ -250,11 +243,10 @@ static int port_listening(int port)
     char line[256];
     for (int i = 0; i < 2; i++) {
         FILE *f = fopen(files[i], "re");
-        if (!f)
-            continue;
+        if (!f) continue;
         while (fgets(line, sizeof line, f)) {
             unsigned lport, st;
-            char *c = strchr(line, ':');           /* "  N: ADDR:PORT REM:PORT ST" */
+            char *c = strchr(line, ':'); /* "  N: ADDR:PORT REM:PORT ST" */
             c = c ? strchr(c + 1, ':') : NULL;
             if (c && sscanf(c + 1, "%x %*s %x", &lport, &st) == 2 && (int)lport == port &&
                 st == 0x0A) {
@@ -270,19 +262,15 @@ static int port_listening(int port)
 static void ready_check(int64_t now)
 {
     int have = g_nvports || g_vsock_fd >= 0 || g_unix_fd >= 0;
-    for (int i = 0; i < MAX_CHANS && !have; i++)
-        have = g_chans[i].in_use;
-    if (!have && now < g_start + 5000)
-        return;
-    if (g_ready_port >= 0 && now < g_start + 5000 && !port_listening(g_ready_port))
-        return;
+    for (int i = 0; i < MAX_CHANS && !have; i++) have = g_chans[i].in_use;
+    if (!have && now < g_start + 5000) return;
+    if (g_ready_port >= 0 && now < g_start + 5000 && !port_listening(g_ready_port)) return;
     g_ready_done = 1;
     static const char msg[] = "SMOLVM_READY\n";
     int fd = g_guest ? open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC) : 1;
     if (fd >= 0) {
         (void)!write(fd, msg, sizeof msg - 1);
-        if (fd != 1)
-            close(fd);
+        if (fd != 1) close(fd);
     }
 }
 
@@ -292,10 +280,8 @@ static void wait_children(int ms)
     struct timespec ts = {0, 10 * 1000000};
     while (now_ms() < end) {
         pid_t p = waitpid(-1, NULL, WNOHANG);
-        if (p < 0 && errno == ECHILD)
-            return;
-        if (p <= 0)
-            nanosleep(&ts, NULL);
+        if (p < 0 && errno == ECHILD) return;
+        if (p <= 0) nanosleep(&ts, NULL);
     }
 }
 
@@ -306,16 +292,13 @@ static void do_shutdown(void)
         struct chan *ch = &g_chans[i];
         while (ch->in_use && !ch->disconnected && ch->out_len && now_ms() < end) {
             struct pollfd p = {.fd = ch->fd, .events = POLLOUT};
-            if (poll(&p, 1, 50) < 0 || (p.revents & (POLLHUP | POLLERR)) || chan_flush(ch))
-                break;
+            if (poll(&p, 1, 50) < 0 || (p.revents & (POLLHUP | POLLERR)) || chan_flush(ch)) break;
         }
     }
     if (!g_pid1) {
         for (int i = 0; i < MAX_CHANS; i++)
-            if (g_chans[i].in_use)
-                proc_abandon(&g_chans[i]);
-        if (g_unix_path)
-            unlink(g_unix_path);
+            if (g_chans[i].in_use) proc_abandon(&g_chans[i]);
+        if (g_unix_path) unlink(g_unix_path);
         exit(0);
     }
     logmsg("shutting down");
@@ -327,8 +310,7 @@ static void do_shutdown(void)
     sync();
     mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL);
     reboot(RB_AUTOBOOT); /* QEMU -no-reboot / Firecracker: the VM exits */
-    for (;;)
-        pause();
+    for (;;) pause();
 }
 
 static void on_sigfd(void)
@@ -348,8 +330,7 @@ static void on_accept(int lfd)
 {
     for (;;) {
         int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0)
-            return;
+        if (fd < 0) return;
         if (!chan_open(fd, CH_SOCK, 0)) {
             logmsg("too many connections");
             close(fd);
@@ -371,54 +352,45 @@ enum { T_SIG, T_LISTEN, T_CHAN, T_POUT, T_PERR, T_PIN, T_FILE };
 static void serve(void)
 {
     static struct pollfd pfd[MAXPFD];
-    static struct { unsigned char type; short idx; } tag[MAXPFD];
+    static struct {
+        unsigned char type;
+        short idx;
+    } tag[MAXPFD];
     const size_t big = HDR_LEN + CHUNK + OUT_RESERVE;
     for (;;) {
         int n = 0;
-#define ADD(fd_, ev_, t_, i_) \
-    (pfd[n].fd = (fd_), pfd[n].events = (ev_), pfd[n].revents = 0, tag[n].type = (t_), \
+#define ADD(fd_, ev_, t_, i_)                                                                      \
+    (pfd[n].fd = (fd_), pfd[n].events = (ev_), pfd[n].revents = 0, tag[n].type = (t_),             \
      tag[n].idx = (short)(i_), n++)
-        if (g_shutdown)
-            do_shutdown();
+        if (g_shutdown) do_shutdown();
         ADD(g_sigfd, POLLIN, T_SIG, 0);
-        if (g_unix_fd >= 0)
-            ADD(g_unix_fd, POLLIN, T_LISTEN, 0);
-        if (g_vsock_fd >= 0)
-            ADD(g_vsock_fd, POLLIN, T_LISTEN, 0);
+        if (g_unix_fd >= 0) ADD(g_unix_fd, POLLIN, T_LISTEN, 0);
+        if (g_vsock_fd >= 0) ADD(g_vsock_fd, POLLIN, T_LISTEN, 0);
         for (int i = 0; i < MAX_CHANS; i++) {
             struct chan *ch = &g_chans[i];
-            if (!ch->in_use || ch->disconnected)
-                continue;
+            if (!ch->in_use || ch->disconnected) continue;
             short ev = ch->out_len ? POLLOUT : 0;
-            if (ch->in_len < INBUF_CAP && out_free(ch) >= OUT_RESERVE)
-                ev |= POLLIN;
+            if (ch->in_len < INBUF_CAP && out_free(ch) >= OUT_RESERVE) ev |= POLLIN;
             ADD(ch->fd, ev, T_CHAN, i);
         }
         for (int i = 0; i < MAX_PROCS; i++) {
             struct proc *pr = &g_procs[i];
-            if (!pr->in_use || !pr->ch || pr->exited)
-                continue;
-            if (out_free(pr->ch) >= big && pr->out_fd >= 0)
-                ADD(pr->out_fd, POLLIN, T_POUT, i);
-            if (out_free(pr->ch) >= big && pr->err_fd >= 0)
-                ADD(pr->err_fd, POLLIN, T_PERR, i);
-            if (pr->in_fd >= 0 && pr->inb_len > pr->inb_off)
-                ADD(pr->in_fd, POLLOUT, T_PIN, i);
+            if (!pr->in_use || !pr->ch || pr->exited) continue;
+            if (out_free(pr->ch) >= big && pr->out_fd >= 0) ADD(pr->out_fd, POLLIN, T_POUT, i);
+            if (out_free(pr->ch) >= big && pr->err_fd >= 0) ADD(pr->err_fd, POLLIN, T_PERR, i);
+            if (pr->in_fd >= 0 && pr->inb_len > pr->inb_off) ADD(pr->in_fd, POLLOUT, T_PIN, i);
         }
         for (int i = 0; i < MAX_FILES; i++) {
             struct file *f = &g_files[i];
-            if (f->in_use && !f->writing && out_free(f->ch) >= big)
-                ADD(f->fd, POLLIN, T_FILE, i);
+            if (f->in_use && !f->writing && out_free(f->ch) >= big) ADD(f->fd, POLLIN, T_FILE, i);
         }
         int64_t now = now_ms(), dl = proc_next_deadline();
         int timeout = dl ? (dl > now ? (int)(dl - now) : 0) : -1;
 #define CAP_TIMEOUT(ms) (timeout = (timeout < 0 || timeout > (ms)) ? (ms) : timeout)
-        if (vports_down())
-            CAP_TIMEOUT(g_next_check > now ? (int)(g_next_check - now) : 0);
+        if (vports_down()) CAP_TIMEOUT(g_next_check > now ? (int)(g_next_check - now) : 0);
         if (g_guest && !g_nvports && now < g_start + 60000)
             CAP_TIMEOUT(100); /* the port may appear after the agent starts */
-        if (!g_ready_done)
-            CAP_TIMEOUT(20);
+        if (!g_ready_done) CAP_TIMEOUT(20);
         if (poll(pfd, (nfds_t)n, timeout) < 0 && errno != EINTR) {
             logmsg("poll: %s", strerror(errno));
             struct timespec ts = {0, 50 * 1000000};
@@ -427,8 +399,7 @@ static void serve(void)
         for (int k = 0; k < n; k++) {
             short re = pfd[k].revents;
             int i = tag[k].idx;
-            if (!re)
-                continue;
+            if (!re) continue;
             switch (tag[k].type) {
             case T_SIG:
                 on_sigfd();
@@ -438,8 +409,7 @@ static void serve(void)
                 break;
             case T_CHAN: {
                 struct chan *ch = &g_chans[i];
-                if (!ch->in_use || ch->fd != pfd[k].fd || ch->disconnected)
-                    break;
+                if (!ch->in_use || ch->fd != pfd[k].fd || ch->disconnected) break;
                 if ((re & POLLOUT) && chan_flush(ch) < 0) {
                     chan_gone(ch);
                     break;
@@ -448,8 +418,7 @@ static void serve(void)
                     chan_gone(ch);
                     break;
                 }
-                if ((re & (POLLHUP | POLLERR | POLLNVAL)) && !(re & POLLIN))
-                    chan_gone(ch);
+                if ((re & (POLLHUP | POLLERR | POLLNVAL)) && !(re & POLLIN)) chan_gone(ch);
                 break;
             }
             case T_POUT:
@@ -461,14 +430,12 @@ static void serve(void)
             }
             case T_PIN: {
                 struct proc *pr = &g_procs[i];
-                if (pr->in_use && pr->in_fd == pfd[k].fd)
-                    proc_write_stdin(pr);
+                if (pr->in_use && pr->in_fd == pfd[k].fd) proc_write_stdin(pr);
                 break;
             }
             case T_FILE: {
                 struct file *f = &g_files[i];
-                if (f->in_use && !f->writing && f->fd == pfd[k].fd)
-                    file_read_pump(f);
+                if (f->in_use && !f->writing && f->fd == pfd[k].fd) file_read_pump(f);
                 break;
             }
             }
@@ -480,20 +447,17 @@ static void serve(void)
          * waited for output room. */
         for (int i = 0; i < MAX_CHANS; i++) {
             struct chan *ch = &g_chans[i];
-            if (!ch->in_use || ch->disconnected)
-                continue;
+            if (!ch->in_use || ch->disconnected) continue;
             if (ch->out_len && chan_flush(ch) < 0) {
                 chan_gone(ch);
                 continue;
             }
             if (ch->in_len >= HDR_LEN && out_free(ch) >= OUT_RESERVE) {
                 chan_parse(ch);
-                if (ch->out_len && chan_flush(ch) < 0)
-                    chan_gone(ch);
+                if (ch->out_len && chan_flush(ch) < 0) chan_gone(ch);
             }
         }
-        if (vports_down() && now >= g_next_check)
-            vports_check();
+        if (vports_down() && now >= g_next_check) vports_check();
         /* More ports may still appear until SMOLVM_READY (virtio_console adds them right
          * after its probe in stage 1). Not after, unless none was found: a host connects only
          * after READY, and a scan while a snapshot restores costs its first HELLO ~50 ms. */
@@ -501,8 +465,7 @@ static void serve(void)
             scan_vports();
             g_next_scan = now + 100;
         }
-        if (!g_ready_done)
-            ready_check(now);
+        if (!g_ready_done) ready_check(now);
     }
 }
 
@@ -544,22 +507,19 @@ int main(int argc, char **argv)
         fprintf(stderr, "agent: --pid1 refused: not process 1 (it would reboot the machine)\n");
         return 2;
     }
-    if (!g_guest && !g_unix_path && stream_fd < 0)
-        return usage();
+    if (!g_guest && !g_unix_path && stream_fd < 0) return usage();
     for (int fd = 0; fd < 3; fd++) /* pipes must not land on 0-2 (posix_spawn dup2) */
         if (fcntl(fd, F_GETFD) < 0 && open(g_pid1 ? "/dev/console" : "/dev/null", O_RDWR) < 0)
             open("/dev/null", O_RDWR);
     if (g_pid1) {
-        if (chdir("/") != 0)
-            logmsg("chdir /: %s", strerror(errno));
+        if (chdir("/") != 0) logmsg("chdir /: %s", strerror(errno));
         reboot(RB_DISABLE_CAD); /* ctrl-alt-del -> SIGINT -> clean shutdown */
     }
     g_start = now_ms();
     setup_signals();
     if (g_unix_path && (g_unix_fd = listen_unix(g_unix_path)) < 0) {
         logmsg("listen %s: %s", g_unix_path, strerror(errno));
-        if (!g_pid1)
-            return 1;
+        if (!g_pid1) return 1;
     }
     if (stream_fd >= 0) {
         fcntl(stream_fd, F_SETFD, FD_CLOEXEC);
@@ -569,8 +529,7 @@ int main(int argc, char **argv)
     if (g_guest) {
         scan_vports();
         g_next_scan = g_start + 100;
-        if (g_vsock_port > 0)
-            g_vsock_fd = listen_vsock((unsigned)g_vsock_port);
+        if (g_vsock_port > 0) g_vsock_fd = listen_vsock((unsigned)g_vsock_port);
     }
     serve();
     return 0;

@@ -22,15 +22,15 @@
 #define PROTO_VERSION 1
 #define AGENT_VERSION "smolvm-agent/1"
 
-#define HDR_LEN 12
-#define SYNC_LEN 16
-#define MAX_IN_PAYLOAD (256 * 1024)     /* host -> agent frame limit */
-#define INBUF_CAP (HDR_LEN + MAX_IN_PAYLOAD + 4096)
-#define OUTBUF_CAP (512 * 1024)
-#define CHUNK (64 * 1024)               /* data frame size agent -> host */
-#define OUT_RESERVE (16 * 1024)         /* kept free for small replies */
-#define STDIN_CAP (64u * 1024 * 1024)   /* stdin bytes buffered per process */
-#define POST_EXIT_DRAIN (1024 * 1024)   /* output read after the main process exited */
+#define HDR_LEN         12
+#define SYNC_LEN        16
+#define MAX_IN_PAYLOAD  (256 * 1024) /* host -> agent frame limit */
+#define INBUF_CAP       (HDR_LEN + MAX_IN_PAYLOAD + 4096)
+#define OUTBUF_CAP      (512 * 1024)
+#define CHUNK           (64 * 1024)         /* data frame size agent -> host */
+#define OUT_RESERVE     (16 * 1024)         /* kept free for small replies */
+#define STDIN_CAP       (64u * 1024 * 1024) /* stdin bytes buffered per process */
+#define POST_EXIT_DRAIN (1024 * 1024)       /* output read after the main process exited */
 
 #define MAX_CHANS 16
 #define MAX_PROCS 128
@@ -53,32 +53,32 @@ enum {
     OP_SET_HOSTNAME = 0x32, /* name -> OK */
     OP_SHUTDOWN = 0x33,     /* -> OK, then poweroff (PID 1) or exit */
     /* agent -> host */
-    OP_STARTED = 0x40,      /* u32 pid */
+    OP_STARTED = 0x40, /* u32 pid */
     OP_STDOUT = 0x41,
     OP_STDERR = 0x42,
-    OP_EXIT = 0x43,         /* i32 code, u32 xflags, u32 signal */
+    OP_EXIT = 0x43, /* i32 code, u32 xflags, u32 signal */
     OP_OK = 0x7E,
-    OP_ERROR = 0x7F,        /* u32 errno, utf-8 message */
+    OP_ERROR = 0x7F, /* u32 errno, utf-8 message */
 };
 
-#define FLAG_EOF 0x01
-#define EXEC_STDIN 0x01     /* exec flags: give the child a stdin pipe (else /dev/null) */
+#define FLAG_EOF         0x01
+#define EXEC_STDIN       0x01 /* exec flags: give the child a stdin pipe (else /dev/null) */
 #define EXEC_ENV_REPLACE 0x02 /* do not start from the default environment */
-#define WF_FSYNC 0x01
-#define WF_MKDIRS 0x02
-#define XF_TIMED_OUT 0x01
-#define XF_SIGNALED 0x02
+#define WF_FSYNC         0x01
+#define WF_MKDIRS        0x02
+#define XF_TIMED_OUT     0x01
+#define XF_SIGNALED      0x02
 
 enum { CH_SOCK = 1, CH_PERSIST = 2 };
 
 struct chan {
     int in_use;
     int fd;
-    int kind;           /* CH_SOCK: one session per connection; CH_PERSIST: vport/stream */
-    int is_vport;       /* POLLHUP means "host went away", not "close" */
-    int disconnected;   /* vport without a host: not polled */
-    int resync;         /* discarding input until SYNC_MAGIC */
-    int expect_hello;   /* the frame after SYNC must be HELLO */
+    int kind;         /* CH_SOCK: one session per connection; CH_PERSIST: vport/stream */
+    int is_vport;     /* POLLHUP means "host went away", not "close" */
+    int disconnected; /* vport without a host: not polled */
+    int resync;       /* discarding input until SYNC_MAGIC */
+    int expect_hello; /* the frame after SYNC must be HELLO */
     unsigned char *in;
     size_t in_len;
     unsigned char *out;
@@ -88,15 +88,15 @@ struct chan {
 struct proc {
     int in_use;
     pid_t pid;
-    struct chan *ch;    /* NULL once its session is gone: only reaped */
+    struct chan *ch; /* NULL once its session is gone: only reaped */
     uint32_t sid;
     int out_fd, err_fd, in_fd;
     unsigned char *inb; /* pending stdin */
     size_t inb_off, inb_len, inb_cap;
     int in_eof;
-    int64_t deadline;   /* monotonic ms, 0 = none */
+    int64_t deadline; /* monotonic ms, 0 = none */
     int timed_out, exited, status;
-    size_t drained;     /* bytes read after exit */
+    size_t drained; /* bytes read after exit */
 };
 
 struct file {
@@ -128,8 +128,8 @@ void logmsg(const char *fmt, ...);
 struct chan *chan_open(int fd, int kind, int is_vport);
 void chan_close(struct chan *ch);
 void chan_end_session(struct chan *ch);
-int chan_read(struct chan *ch);             /* <0: channel gone */
-int chan_flush(struct chan *ch);            /* <0: channel gone */
+int chan_read(struct chan *ch);  /* <0: channel gone */
+int chan_flush(struct chan *ch); /* <0: channel gone */
 void chan_parse(struct chan *ch);
 size_t out_free(const struct chan *ch);
 int emit(struct chan *ch, int op, int flags, uint32_t sid, const void *p, size_t n);

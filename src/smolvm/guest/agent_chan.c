@@ -12,7 +12,7 @@
 #include <unistd.h>
 
 /* Starts with a NUL so it can never be mistaken for a frame header ('S','V',...). */
-const unsigned char SYNC_MAGIC[SYNC_LEN] = {0x00, 'S', 'M', 'O', 'L', 'V', 'M', 0x01,
+const unsigned char SYNC_MAGIC[SYNC_LEN] = {0x00, 'S', 'M', 'O', 'L',  'V',  'M',  0x01,
                                             'S',  'Y', 'N', 'C', 0xA5, 0x5A, 0xC3, 0x3C};
 struct chan g_chans[MAX_CHANS];
 
@@ -20,15 +20,11 @@ struct chan *chan_open(int fd, int kind, int is_vport)
 {
     for (int i = 0; i < MAX_CHANS; i++) {
         struct chan *ch = &g_chans[i];
-        if (ch->in_use)
-            continue;
+        if (ch->in_use) continue;
         /* Buffers stay allocated with the slot: reconnects do not churn the heap. */
-        if (!ch->in)
-            ch->in = malloc(INBUF_CAP);
-        if (!ch->out)
-            ch->out = malloc(OUTBUF_CAP);
-        if (!ch->in || !ch->out)
-            return NULL;
+        if (!ch->in) ch->in = malloc(INBUF_CAP);
+        if (!ch->out) ch->out = malloc(OUTBUF_CAP);
+        if (!ch->in || !ch->out) return NULL;
         ch->in_use = 1;
         ch->fd = fd;
         ch->kind = kind;
@@ -74,10 +70,8 @@ size_t out_free(const struct chan *ch)
 /* Room for n contiguous bytes at the end of the output buffer (returned pointer). */
 unsigned char *out_reserve(struct chan *ch, size_t n)
 {
-    if (ch->out_len + n > OUTBUF_CAP)
-        return NULL;
-    if (ch->out_len == 0)
-        ch->out_head = 0;
+    if (ch->out_len + n > OUTBUF_CAP) return NULL;
+    if (ch->out_len == 0) ch->out_head = 0;
     if (ch->out_head + ch->out_len + n > OUTBUF_CAP) {
         memmove(ch->out, ch->out + ch->out_head, ch->out_len);
         ch->out_head = 0;
@@ -110,8 +104,7 @@ int emit(struct chan *ch, int op, int flags, uint32_t sid, const void *p, size_t
         logmsg("output buffer full, dropped op 0x%02x", op);
         return -1;
     }
-    if (n)
-        memcpy(h + HDR_LEN, p, n);
+    if (n) memcpy(h + HDR_LEN, p, n);
     out_commit(ch, op, flags, sid, n);
     return 0;
 }
@@ -123,12 +116,9 @@ int emit_error(struct chan *ch, uint32_t sid, int err, const char *fmt, ...)
     va_start(ap, fmt);
     int n = vsnprintf((char *)buf + 4, 1000, fmt, ap);
     va_end(ap);
-    if (n < 0)
-        n = 0;
-    if (n > 999)
-        n = 999;
-    if (err)
-        n += snprintf((char *)buf + 4 + n, sizeof buf - 4 - n, ": %s", strerror(err));
+    if (n < 0) n = 0;
+    if (n > 999) n = 999;
+    if (err) n += snprintf((char *)buf + 4 + n, sizeof buf - 4 - n, ": %s", strerror(err));
     put32(buf, (uint32_t)err);
     return emit(ch, OP_ERROR, 0, sid, buf, 4 + (size_t)n);
 }
@@ -142,10 +132,8 @@ int chan_flush(struct chan *ch)
         else
             w = write(ch->fd, ch->out + ch->out_head, ch->out_len);
         if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return 0;
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
             return -1;
         }
         ch->out_head += (size_t)w;
@@ -157,13 +145,10 @@ int chan_flush(struct chan *ch)
 
 int chan_read(struct chan *ch)
 {
-    if (ch->in_len >= INBUF_CAP)
-        return 0; /* parser is waiting for output room */
+    if (ch->in_len >= INBUF_CAP) return 0; /* parser is waiting for output room */
     ssize_t r = read(ch->fd, ch->in + ch->in_len, INBUF_CAP - ch->in_len);
-    if (r == 0)
-        return -1; /* socket EOF; on a vport: the host is not connected */
-    if (r < 0)
-        return (errno == EAGAIN || errno == EINTR || errno == EWOULDBLOCK) ? 0 : -1;
+    if (r == 0) return -1; /* socket EOF; on a vport: the host is not connected */
+    if (r < 0) return (errno == EAGAIN || errno == EINTR || errno == EWOULDBLOCK) ? 0 : -1;
     ch->in_len += (size_t)r;
     chan_parse(ch);
     return 0;
@@ -172,9 +157,19 @@ int chan_read(struct chan *ch)
 static int host_op(int op)
 {
     switch (op) {
-    case OP_HELLO: case OP_PING: case OP_EXEC: case OP_STDIN: case OP_KILL:
-    case OP_WRITE_FILE: case OP_FILE_DATA: case OP_FILE_END: case OP_READ_FILE:
-    case OP_SET_TIME: case OP_ADD_ENTROPY: case OP_SET_HOSTNAME: case OP_SHUTDOWN:
+    case OP_HELLO:
+    case OP_PING:
+    case OP_EXEC:
+    case OP_STDIN:
+    case OP_KILL:
+    case OP_WRITE_FILE:
+    case OP_FILE_DATA:
+    case OP_FILE_END:
+    case OP_READ_FILE:
+    case OP_SET_TIME:
+    case OP_ADD_ENTROPY:
+    case OP_SET_HOSTNAME:
+    case OP_SHUTDOWN:
         return 1;
     }
     return 0;
@@ -193,16 +188,15 @@ static void op_hello(struct chan *ch, uint32_t sid, const unsigned char *p, size
     }
     put32(r, PROTO_VERSION);
     memset(r + 4, 0, 8);
-    if (n >= 12)
-        memcpy(r + 4, p + 4, 8); /* echo the nonce: the host matches it */
+    if (n >= 12) memcpy(r + 4, p + 4, 8); /* echo the nonce: the host matches it */
     put32(r + 12, (uint32_t)getpid());
     put32(r + 16, g_pid1 ? 1u : 0u);
     memcpy(r + 20, AGENT_VERSION, vlen);
     emit(ch, OP_HELLO, 0, sid, r, 20 + vlen);
 }
 
-static void dispatch(struct chan *ch, int op, int flags, uint32_t sid,
-                     const unsigned char *p, size_t n)
+static void dispatch(struct chan *ch, int op, int flags, uint32_t sid, const unsigned char *p,
+                     size_t n)
 {
     switch (op) {
     case OP_HELLO:
@@ -219,8 +213,7 @@ static void dispatch(struct chan *ch, int op, int flags, uint32_t sid,
         break;
     case OP_KILL: {
         int sig = n >= 4 ? (int)get32(p) : SIGKILL;
-        if (!proc_kill(ch, sid, sig))
-            file_cancel(ch, sid);
+        if (!proc_kill(ch, sid, sig)) file_cancel(ch, sid);
         break;
     }
     case OP_WRITE_FILE:
@@ -270,18 +263,15 @@ void chan_parse(struct chan *ch)
                 off += avail - (SYNC_LEN - 1);
             break;
         }
-        if (avail < HDR_LEN)
-            break;
+        if (avail < HDR_LEN) break;
         uint32_t plen = get32(b + 8);
         if (b[0] != 'S' || b[1] != 'V' || !host_op(b[2]) || plen > MAX_IN_PAYLOAD) {
             logmsg("bad frame header, resynchronising");
             ch->resync = 1;
             continue;
         }
-        if (avail < HDR_LEN + plen)
-            break;
-        if (out_free(ch) < OUT_RESERVE)
-            break; /* resumed by the main loop once output drains */
+        if (avail < HDR_LEN + plen) break;
+        if (out_free(ch) < OUT_RESERVE) break; /* resumed by the main loop once output drains */
         int op = b[2];
         off += HDR_LEN + plen;
         if (ch->expect_hello && op != OP_HELLO) {
@@ -290,8 +280,7 @@ void chan_parse(struct chan *ch)
         }
         dispatch(ch, op, b[3], get32(b + 4), b + HDR_LEN, plen);
     }
-    if (!ch->in_use)
-        return;
+    if (!ch->in_use) return;
     if (off >= ch->in_len) {
         ch->in_len = 0;
     } else if (off) {

@@ -16,12 +16,11 @@ struct file g_files[MAX_FILES];
 /* <linux/random.h> is not in musl's include path: _IOW('R', 0x03, int[2]). */
 #define RNDADDENTROPY 0x40085203
 #define RNDRESEEDCRNG 0x5207 /* _IO('R', 0x07), Linux >= 4.17 */
-#define ENTROPY_MAX 4096
+#define ENTROPY_MAX   4096
 
 static int copy_path(char *dst, const unsigned char *p, size_t n)
 {
-    if (n == 0 || n >= PATH_MAX || memchr(p, 0, n))
-        return -1;
+    if (n == 0 || n >= PATH_MAX || memchr(p, 0, n)) return -1;
     memcpy(dst, p, n);
     dst[n] = 0;
     return 0;
@@ -30,8 +29,7 @@ static int copy_path(char *dst, const unsigned char *p, size_t n)
 static struct file *file_find(struct chan *ch, uint32_t sid)
 {
     for (int i = 0; i < MAX_FILES; i++)
-        if (g_files[i].in_use && g_files[i].ch == ch && g_files[i].sid == sid)
-            return &g_files[i];
+        if (g_files[i].in_use && g_files[i].ch == ch && g_files[i].sid == sid) return &g_files[i];
     return NULL;
 }
 
@@ -58,8 +56,7 @@ static struct file *file_new(struct chan *ch, uint32_t sid)
 
 static void file_free(struct file *f)
 {
-    if (f->fd >= 0)
-        close(f->fd);
+    if (f->fd >= 0) close(f->fd);
     if (f->writing && f->tmp[0])
         unlink(f->tmp); /* an unfinished upload never replaces the target */
     f->in_use = 0;
@@ -70,8 +67,7 @@ static void file_free(struct file *f)
 static void mkdirs(char *path)
 {
     for (char *s = path + 1; *s; s++) {
-        if (*s != '/')
-            continue;
+        if (*s != '/') continue;
         *s = 0;
         mkdir(path, 0755);
         *s = '/';
@@ -83,8 +79,7 @@ static void mkdirs(char *path)
 void file_write_open(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
 {
     struct file *f = file_new(ch, sid);
-    if (!f)
-        return;
+    if (!f) return;
     f->writing = 1;
     if (n < 8 || copy_path(f->path, p + 8, n - 8)) {
         file_free(f);
@@ -93,8 +88,7 @@ void file_write_open(struct chan *ch, uint32_t sid, const unsigned char *p, size
     }
     uint32_t mode = get32(p) & 07777;
     f->wflags = get32(p + 4);
-    if (f->wflags & WF_MKDIRS)
-        mkdirs(f->path);
+    if (f->wflags & WF_MKDIRS) mkdirs(f->path);
     struct stat st;
     if (stat(f->path, &st) == 0 && S_ISDIR(st.st_mode)) {
         emit_error(ch, sid, EISDIR, "write %s", f->path);
@@ -127,13 +121,11 @@ void file_write_open(struct chan *ch, uint32_t sid, const unsigned char *p, size
 void file_write_data(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
 {
     struct file *f = file_find(ch, sid);
-    if (!f || !f->writing)
-        return; /* already failed (ERROR sent) or cancelled */
+    if (!f || !f->writing) return; /* already failed (ERROR sent) or cancelled */
     while (n) {
         ssize_t w = write(f->fd, p, n);
         if (w < 0) {
-            if (errno == EINTR)
-                continue;
+            if (errno == EINTR) continue;
             emit_error(ch, sid, errno, "write %s", f->path);
             file_free(f);
             return;
@@ -146,8 +138,7 @@ void file_write_data(struct chan *ch, uint32_t sid, const unsigned char *p, size
 void file_write_end(struct chan *ch, uint32_t sid)
 {
     struct file *f = file_find(ch, sid);
-    if (!f || !f->writing)
-        return;
+    if (!f || !f->writing) return;
     if ((f->wflags & WF_FSYNC) && fsync(f->fd) != 0) {
         emit_error(ch, sid, errno, "fsync %s", f->path);
         file_free(f);
@@ -181,8 +172,7 @@ void file_write_end(struct chan *ch, uint32_t sid)
 void file_read_open(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
 {
     struct file *f = file_new(ch, sid);
-    if (!f)
-        return;
+    if (!f) return;
     f->writing = 0;
     if (copy_path(f->path, p, n)) {
         file_free(f);
@@ -233,8 +223,7 @@ void file_read_pump(struct file *f)
 int file_cancel(struct chan *ch, uint32_t sid)
 {
     struct file *f = file_find(ch, sid);
-    if (!f)
-        return 0;
+    if (!f) return 0;
     file_free(f);
     return 1;
 }
@@ -242,8 +231,7 @@ int file_cancel(struct chan *ch, uint32_t sid)
 void file_abandon(struct chan *ch)
 {
     for (int i = 0; i < MAX_FILES; i++)
-        if (g_files[i].in_use && g_files[i].ch == ch)
-            file_free(&g_files[i]);
+        if (g_files[i].in_use && g_files[i].ch == ch) file_free(&g_files[i]);
 }
 
 /* SET_TIME: i64 unix time in ns. Replies OK with the applied offset (ns, new - old). */
@@ -288,10 +276,8 @@ void op_add_entropy(struct chan *ch, uint32_t sid, const unsigned char *p, size_
     /* Mixing alone does not reach the output: the CRNG reseeds from the input pool only
        every 60 s, so clones restored from one snapshot would keep producing identical
        /dev/urandom bytes until then. Force the reseed now (best effort: old kernels). */
-    if (rc == 0)
-        (void)ioctl(fd, RNDRESEEDCRNG);
-    if (fd >= 0)
-        close(fd);
+    if (rc == 0) (void)ioctl(fd, RNDRESEEDCRNG);
+    if (fd >= 0) close(fd);
     memset(rpi.buf, 0, n);
     if (rc != 0)
         emit_error(ch, sid, e, "RNDADDENTROPY");

@@ -17,11 +17,16 @@ struct proc g_procs[MAX_PROCS];
 /* Environment every command starts from (EXEC env entries override these keys). */
 static const char *const DEFAULT_ENV[] = {
     "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME=/root", "TERM=xterm", "LANG=C.UTF-8", "USER=root", "LOGNAME=root", NULL,
+    "HOME=/root",
+    "TERM=xterm",
+    "LANG=C.UTF-8",
+    "USER=root",
+    "LOGNAME=root",
+    NULL,
 };
 
 #define MAX_ARGS 4096
-#define MAX_ENV 4096
+#define MAX_ENV  4096
 static char *g_argv[MAX_ARGS + 1];
 static char *g_given[MAX_ENV];
 static char *g_envp[MAX_ENV + 8];
@@ -30,16 +35,14 @@ static const char *next_str(const unsigned char **p, const unsigned char *end)
 {
     const unsigned char *s = *p;
     const unsigned char *z = memchr(s, 0, (size_t)(end - s));
-    if (!z)
-        return NULL;
+    if (!z) return NULL;
     *p = z + 1;
     return (const char *)s;
 }
 
 static int same_key(const char *a, const char *b)
 {
-    while (*a && *a == *b && *a != '=')
-        a++, b++;
+    while (*a && *a == *b && *a != '=') a++, b++;
     return *a == '=' && *b == '=';
 }
 
@@ -47,27 +50,23 @@ static const char *env_get(char **envp, const char *key)
 {
     size_t k = strlen(key);
     for (; *envp; envp++)
-        if (!strncmp(*envp, key, k) && (*envp)[k] == '=')
-            return *envp + k + 1;
+        if (!strncmp(*envp, key, k) && (*envp)[k] == '=') return *envp + k + 1;
     return NULL;
 }
 
 /* argv[0] without a '/' is looked up in the command's own PATH (not the agent's). */
 static const char *resolve(const char *file, char **envp, char *buf)
 {
-    if (strchr(file, '/'))
-        return file;
+    if (strchr(file, '/')) return file;
     const char *path = env_get(envp, "PATH");
-    if (!path)
-        path = "/usr/local/bin:/usr/bin:/bin";
+    if (!path) path = "/usr/local/bin:/usr/bin:/bin";
     while (*path) {
         const char *c = strchr(path, ':');
         size_t len = c ? (size_t)(c - path) : strlen(path);
         if (snprintf(buf, PATH_MAX, "%.*s/%s", (int)len, len ? path : ".", file) < PATH_MAX &&
             access(buf, X_OK) == 0)
             return buf;
-        if (!c)
-            break;
+        if (!c) break;
         path = c + 1;
     }
     return NULL;
@@ -76,15 +75,13 @@ static const char *resolve(const char *file, char **envp, char *buf)
 static struct proc *proc_find(struct chan *ch, uint32_t sid)
 {
     for (int i = 0; i < MAX_PROCS; i++)
-        if (g_procs[i].in_use && g_procs[i].ch == ch && g_procs[i].sid == sid)
-            return &g_procs[i];
+        if (g_procs[i].in_use && g_procs[i].ch == ch && g_procs[i].sid == sid) return &g_procs[i];
     return NULL;
 }
 
 static void close_fd(int *fd)
 {
-    if (*fd >= 0)
-        close(*fd);
+    if (*fd >= 0) close(*fd);
     *fd = -1;
 }
 
@@ -111,34 +108,27 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
 {
     static char exe[PATH_MAX];
     const unsigned char *q = p + 12, *end = p + n;
-    if (n < 12)
-        goto bad;
+    if (n < 12) goto bad;
     uint32_t timeout_ms = get32(p), xflags = get32(p + 4);
     unsigned argc = p[8] | (unsigned)p[9] << 8, envc = p[10] | (unsigned)p[11] << 8;
     const char *cwd = next_str(&q, end);
-    if (!cwd || argc == 0 || argc > MAX_ARGS || envc > MAX_ENV)
-        goto bad;
+    if (!cwd || argc == 0 || argc > MAX_ARGS || envc > MAX_ENV) goto bad;
     for (unsigned i = 0; i < argc; i++)
-        if (!(g_argv[i] = (char *)next_str(&q, end)))
-            goto bad;
+        if (!(g_argv[i] = (char *)next_str(&q, end))) goto bad;
     g_argv[argc] = NULL;
     for (unsigned i = 0; i < envc; i++) {
         g_given[i] = (char *)next_str(&q, end);
-        if (!g_given[i] || g_given[i][0] == '=' || !strchr(g_given[i], '='))
-            goto bad;
+        if (!g_given[i] || g_given[i][0] == '=' || !strchr(g_given[i], '=')) goto bad;
     }
     size_t ne = 0;
     if (!(xflags & EXEC_ENV_REPLACE)) {
         for (const char *const *d = DEFAULT_ENV; *d; d++) {
             unsigned i = 0;
-            while (i < envc && !same_key(*d, g_given[i]))
-                i++;
-            if (i == envc)
-                g_envp[ne++] = (char *)*d;
+            while (i < envc && !same_key(*d, g_given[i])) i++;
+            if (i == envc) g_envp[ne++] = (char *)*d;
         }
     }
-    for (unsigned i = 0; i < envc; i++)
-        g_envp[ne++] = g_given[i];
+    for (unsigned i = 0; i < envc; i++) g_envp[ne++] = g_given[i];
     g_envp[ne] = NULL;
 
     struct stat st;
@@ -156,8 +146,7 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
     }
     struct proc *pr = NULL;
     for (int i = 0; i < MAX_PROCS && !pr; i++)
-        if (!g_procs[i].in_use)
-            pr = &g_procs[i];
+        if (!g_procs[i].in_use) pr = &g_procs[i];
     if (!pr || proc_find(ch, sid)) {
         emit_error(ch, sid, pr ? EEXIST : EAGAIN, pr ? "stream in use" : "too many processes");
         return;
@@ -189,8 +178,8 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
     posix_spawnattr_setsigmask(&at, &none);
     posix_spawnattr_setsigdefault(&at, &def);
     /* setsid: the command leads its own process group, so timeout/kill reach its children. */
-    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK |
-                                      POSIX_SPAWN_SETSIGDEF);
+    posix_spawnattr_setflags(&at,
+                             POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
     pid_t pid;
     int rc = posix_spawn(&pid, path, &fa, &at, g_argv, g_envp);
     posix_spawn_file_actions_destroy(&fa);
@@ -203,8 +192,7 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
     }
     fcntl(po[0], F_SETFL, O_NONBLOCK);
     fcntl(pe[0], F_SETFL, O_NONBLOCK);
-    if (pi[1] >= 0)
-        fcntl(pi[1], F_SETFL, O_NONBLOCK);
+    if (pi[1] >= 0) fcntl(pi[1], F_SETFL, O_NONBLOCK);
     memset(pr, 0, sizeof *pr);
     pr->in_use = 1;
     pr->pid = pid;
@@ -227,10 +215,8 @@ void proc_write_stdin(struct proc *pr)
     while (pr->in_fd >= 0 && pr->inb_off < pr->inb_len) {
         ssize_t w = write(pr->in_fd, pr->inb + pr->inb_off, pr->inb_len - pr->inb_off);
         if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno != EAGAIN)
-                drop_stdin(pr); /* EPIPE: the command closed its stdin */
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN) drop_stdin(pr); /* EPIPE: the command closed its stdin */
             return;
         }
         pr->inb_off += (size_t)w;
@@ -242,16 +228,14 @@ void proc_write_stdin(struct proc *pr)
             pr->inb = NULL;
             pr->inb_cap = 0;
         }
-        if (pr->in_eof)
-            close_fd(&pr->in_fd);
+        if (pr->in_eof) close_fd(&pr->in_fd);
     }
 }
 
 void proc_stdin(struct chan *ch, uint32_t sid, int flags, const unsigned char *p, size_t n)
 {
     struct proc *pr = proc_find(ch, sid);
-    if (!pr || pr->in_fd < 0)
-        return;
+    if (!pr || pr->in_fd < 0) return;
     if (n) {
         if (pr->inb_len + n > STDIN_CAP) {
             drop_stdin(pr);
@@ -260,8 +244,7 @@ void proc_stdin(struct chan *ch, uint32_t sid, int flags, const unsigned char *p
         }
         if (pr->inb_len + n > pr->inb_cap) {
             size_t cap = pr->inb_cap ? pr->inb_cap : 65536;
-            while (cap < pr->inb_len + n)
-                cap *= 2;
+            while (cap < pr->inb_len + n) cap *= 2;
             unsigned char *nb = realloc(pr->inb, cap);
             if (!nb) {
                 drop_stdin(pr);
@@ -274,18 +257,15 @@ void proc_stdin(struct chan *ch, uint32_t sid, int flags, const unsigned char *p
         memcpy(pr->inb + pr->inb_len, p, n);
         pr->inb_len += n;
     }
-    if (flags & FLAG_EOF)
-        pr->in_eof = 1;
+    if (flags & FLAG_EOF) pr->in_eof = 1;
     proc_write_stdin(pr);
 }
 
 int proc_kill(struct chan *ch, uint32_t sid, int sig)
 {
     struct proc *pr = proc_find(ch, sid);
-    if (!pr)
-        return 0;
-    if (!pr->exited && kill(-pr->pid, sig) != 0)
-        kill(pr->pid, sig);
+    if (!pr) return 0;
+    if (!pr->exited && kill(-pr->pid, sig) != 0) kill(pr->pid, sig);
     return 1;
 }
 
@@ -294,8 +274,7 @@ void proc_abandon(struct chan *ch)
 {
     for (int i = 0; i < MAX_PROCS; i++) {
         struct proc *pr = &g_procs[i];
-        if (!pr->in_use || pr->ch != ch)
-            continue;
+        if (!pr->in_use || pr->ch != ch) continue;
         if (pr->exited) {
             proc_free(pr);
             continue;
@@ -317,8 +296,7 @@ void proc_reap(void)
     while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
         for (int i = 0; i < MAX_PROCS; i++) {
             struct proc *pr = &g_procs[i];
-            if (!pr->in_use || pr->pid != pid || pr->exited)
-                continue;
+            if (!pr->in_use || pr->pid != pid || pr->exited) continue;
             if (!pr->ch) {
                 proc_free(pr);
             } else {
@@ -337,16 +315,13 @@ void proc_read(struct proc *pr, int fd)
 {
     int *slot = fd == pr->out_fd ? &pr->out_fd : &pr->err_fd;
     int op = fd == pr->out_fd ? OP_STDOUT : OP_STDERR;
-    if (out_free(pr->ch) < HDR_LEN + CHUNK + OUT_RESERVE)
-        return;
+    if (out_free(pr->ch) < HDR_LEN + CHUNK + OUT_RESERVE) return;
     unsigned char *h = out_reserve(pr->ch, HDR_LEN + CHUNK);
-    if (!h)
-        return;
+    if (!h) return;
     ssize_t r = read(fd, h + HDR_LEN, CHUNK);
     if (r > 0) {
         out_commit(pr->ch, op, 0, pr->sid, (size_t)r);
-        if (pr->exited && (pr->drained += (size_t)r) > POST_EXIT_DRAIN)
-            close_fd(slot);
+        if (pr->exited && (pr->drained += (size_t)r) > POST_EXIT_DRAIN) close_fd(slot);
     } else if (r == 0 || (errno != EINTR && (errno != EAGAIN || pr->exited))) {
         close_fd(slot);
     }
@@ -357,14 +332,12 @@ void proc_finish(void)
 {
     for (int i = 0; i < MAX_PROCS; i++) {
         struct proc *pr = &g_procs[i];
-        if (!pr->in_use || !pr->exited || !pr->ch)
-            continue;
+        if (!pr->in_use || !pr->exited || !pr->ch) continue;
         while (pr->out_fd >= 0 && out_free(pr->ch) >= HDR_LEN + CHUNK + OUT_RESERVE)
             proc_read(pr, pr->out_fd);
         while (pr->err_fd >= 0 && out_free(pr->ch) >= HDR_LEN + CHUNK + OUT_RESERVE)
             proc_read(pr, pr->err_fd);
-        if (pr->out_fd >= 0 || pr->err_fd >= 0 || out_free(pr->ch) < OUT_RESERVE)
-            continue;
+        if (pr->out_fd >= 0 || pr->err_fd >= 0 || out_free(pr->ch) < OUT_RESERVE) continue;
         unsigned char b[12];
         int st = pr->status, sig = WIFSIGNALED(st) ? WTERMSIG(st) : 0;
         put32(b, (uint32_t)(sig ? 128 + sig : WEXITSTATUS(st)));
@@ -379,8 +352,7 @@ void proc_timeouts(int64_t now)
 {
     for (int i = 0; i < MAX_PROCS; i++) {
         struct proc *pr = &g_procs[i];
-        if (!pr->in_use || pr->exited || !pr->deadline || now < pr->deadline)
-            continue;
+        if (!pr->in_use || pr->exited || !pr->deadline || now < pr->deadline) continue;
         kill(-pr->pid, SIGKILL);
         kill(pr->pid, SIGKILL);
         pr->timed_out = 1;
@@ -393,8 +365,7 @@ int64_t proc_next_deadline(void)
     int64_t d = 0;
     for (int i = 0; i < MAX_PROCS; i++) {
         struct proc *pr = &g_procs[i];
-        if (pr->in_use && !pr->exited && pr->deadline && (!d || pr->deadline < d))
-            d = pr->deadline;
+        if (pr->in_use && !pr->exited && pr->deadline && (!d || pr->deadline < d)) d = pr->deadline;
     }
     return d;
 }

@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -102,9 +103,7 @@ class _UserspaceMemoryRegion(ctypes.Structure):
 class _Regs(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_uint64)
-        for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
-        )
+        for name in ("rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split())
     ]
 
 
@@ -234,8 +233,6 @@ def _on_alarm(signum: int, frame: Any) -> None:
 
 def _measure(device: str, run_budget: float) -> dict[str, Any]:
     """Create a VM with one vCPU, run the loop, return a JSON-able dict. Child only."""
-    import fcntl
-
     stage = "open"
     try:
         kvm = os.open(device, os.O_RDWR | os.O_CLOEXEC)

@@ -24,15 +24,14 @@ def host_tsc_khz() -> int | None:
         log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
         log = ""
-    for pat in (r"tsc: Refined TSC clocksource calibration: ([\d.]+) MHz",
-                r"tsc: Detected ([\d.]+) MHz"):
+    for pat in (r"tsc: Refined TSC clocksource calibration: ([\d.]+) MHz", r"tsc: Detected ([\d.]+) MHz"):
         m = re.findall(pat, log)
         if m:
             return round(float(m[-1]) * 1000)
     try:
-        m = re.search(r"cpu MHz\s*:\s*([\d.]+)", Path("/proc/cpuinfo").read_text())
-        if m:
-            return round(float(m.group(1)) * 1000)
+        cpu = re.search(r"cpu MHz\s*:\s*([\d.]+)", Path("/proc/cpuinfo").read_text())
+        if cpu:
+            return round(float(cpu.group(1)) * 1000)
     except OSError:
         pass
     return None

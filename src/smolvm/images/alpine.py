@@ -14,13 +14,33 @@ import subprocess
 import tarfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from smolvm.exceptions import ImageError
+from smolvm.exceptions import ImageError, ValidationError
+from smolvm.images.artifacts import ImageArtifacts
 
-if TYPE_CHECKING:
-    from smolvm.images.builder import ImageBuilder
+
+class Assembler(Protocol):
+    """What Alpine builds need from :class:`smolvm.images.builder.ImageBuilder`."""
+
+    def local_inputs_key(
+        self, packages: list[str], size_mib: int, password: str | None, distro: str
+    ) -> str: ...
+
+    def assemble(
+        self,
+        name: str,
+        distro: str,
+        local_key: str,
+        populate: Callable[[Path], dict[str, Any]],
+        *,
+        rootfs_size_mib: int,
+        ssh_password: str | None,
+        force: bool = False,
+    ) -> ImageArtifacts: ...
+
 
 ALPINE_BRANCH = "v3.20"
 ALPINE_RELEASE = "3.20.3"
@@ -33,8 +53,9 @@ def alpine_mirror() -> str:
 
 
 def minirootfs_url() -> str:
-    return (f"{alpine_mirror()}/{ALPINE_BRANCH}/releases/x86_64/"
-            f"alpine-minirootfs-{ALPINE_RELEASE}-x86_64.tar.gz")
+    return (
+        f"{alpine_mirror()}/{ALPINE_BRANCH}/releases/x86_64/alpine-minirootfs-{ALPINE_RELEASE}-x86_64.tar.gz"
+    )
 
 
 def _download(url: str, dest: Path, timeout: float = 20.0) -> None:
@@ -58,14 +79,12 @@ def _sha256(p: Path) -> str:
     return h.hexdigest()
 
 
-def build_alpine(builder: ImageBuilder, name: str, ssh_password: str, rootfs_size_mb: int) -> tuple[Path, Path]:
+def build_alpine(builder: Assembler, name: str, ssh_password: str, rootfs_size_mib: int) -> tuple[Path, Path]:
     if not ssh_password:
-        from smolvm.exceptions import ValidationError
-
         raise ValidationError("ssh_password must be a non-empty string", field="ssh_password")
-    key = builder._local_inputs_key(ALPINE_PACKAGES, rootfs_size_mb, ssh_password, f"alpine-{ALPINE_RELEASE}")
+    key = builder.local_inputs_key(ALPINE_PACKAGES, rootfs_size_mib, ssh_password, f"alpine-{ALPINE_RELEASE}")
 
-    def populate(tree: Path) -> dict:
+    def populate(tree: Path) -> dict[str, Any]:
         work = tree.parent
         tgz = work / "minirootfs.tar.gz"
         url = minirootfs_url()
@@ -79,8 +98,11 @@ def build_alpine(builder: ImageBuilder, name: str, ssh_password: str, rootfs_siz
         shutil.copy("/etc/resolv.conf", tree / "etc/resolv.conf")
         repos = f"{alpine_mirror()}/{ALPINE_BRANCH}/main\n{alpine_mirror()}/{ALPINE_BRANCH}/community\n"
         (tree / "etc/apk/repositories").write_text(repos)
-        proc = subprocess.run(["chroot", str(tree), "/sbin/apk", "add", "--no-cache", *ALPINE_PACKAGES],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["chroot", str(tree), "/sbin/apk", "add", "--no-cache", *ALPINE_PACKAGES],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             raise ImageError(f"apk add in the Alpine rootfs failed: {proc.stderr[-800:]}")
         for link in ("usr/lib/sftp-server", "usr/libexec/sftp-server"):
@@ -90,6 +112,7 @@ def build_alpine(builder: ImageBuilder, name: str, ssh_password: str, rootfs_siz
                 p.symlink_to("/usr/lib/ssh/sftp-server")
         return {"release": ALPINE_RELEASE, "packages": ALPINE_PACKAGES, "source": url}
 
-    art = builder.assemble(name, "alpine", key, populate, rootfs_size_mb=rootfs_size_mb,
-                           ssh_password=ssh_password)
+    art = builder.assemble(
+        name, "alpine", key, populate, rootfs_size_mib=rootfs_size_mib, ssh_password=ssh_password
+    )
     return art.kernel, art.rootfs

@@ -8,7 +8,6 @@ The slow parts (kernel download, debootstrap) are cached separately and shared.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -16,53 +15,50 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from smolvm.exceptions import ImageError, ValidationError
+from smolvm.guest import AGENT_SOURCES, build_agent
 from smolvm.images import kernel as kmod
 from smolvm.images import rootfs as rfs
+from smolvm.images.alpine import build_alpine
+from smolvm.images.artifacts import ImageArtifacts, load_manifest
 from smolvm.images.cpio import CpioWriter
+from smolvm.locks import file_lock
 from smolvm.paths import resolve_data_dir, resolve_image_dir
 
-log = logging.getLogger("smolvm.images")
+log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: manifest key rootfs_size_mib
 DEFAULT_IMAGE = "default"
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 STAGE1_MODULES = [
-    "virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "ext4",
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "ext4",
     "vmw_vsock_virtio_transport",
 ]
 # crc32c-intel fails to load under TCG and costs 100 ms; crc32c_generic serves ext4.
 SKIP_MODULES = {"crc32c-intel"}
 BUSYBOX_APPLETS = [
-    "sh", "mount", "umount", "insmod", "switch_root", "cat", "usleep", "echo",
-    "poweroff", "mkdir", "sleep", "ls", "dd",
+    "sh",
+    "mount",
+    "umount",
+    "insmod",
+    "switch_root",
+    "cat",
+    "usleep",
+    "echo",
+    "poweroff",
+    "mkdir",
+    "sleep",
+    "ls",
+    "dd",
 ]
 Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class ImageArtifacts:
-    """A built image. Pass ``kernel``/``rootfs`` to ``VMConfig``; the initrd is found
-    from the kernel's directory."""
-
-    name: str
-    path: Path
-    kernel: Path
-    initrd: Path
-    rootfs: Path
-    manifest: dict
-
-    @property
-    def has_agent(self) -> bool:
-        return bool(self.manifest.get("agent"))
-
-    @property
-    def has_ssh(self) -> bool:
-        return bool(self.manifest.get("ssh"))
 
 
 def _sha(*parts: bytes | str) -> str:
@@ -74,27 +70,7 @@ def _sha(*parts: bytes | str) -> str:
 
 
 def _agent_sources() -> list[Path]:
-    try:
-        from smolvm.guest import AGENT_SOURCES
-    except ImportError:
-        return []
-    return [Path(p) for p in AGENT_SOURCES]
-
-
-def load_manifest(image_dir: Path) -> dict | None:
-    try:
-        return json.loads((image_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def artifacts_for_kernel(kernel_path: Path) -> ImageArtifacts | None:
-    """The image a kernel file belongs to (so a config naming only kernel+rootfs gets its initrd)."""
-    d = Path(kernel_path).resolve().parent
-    m = load_manifest(d)
-    if m is None:
-        return None
-    return ImageArtifacts(m["name"], d, d / "vmlinux", d / "initrd.cpio", d / "rootfs.ext4", m)
+    return [Path(p) for p in AGENT_SOURCES if Path(p).exists()]
 
 
 class ImageBuilder:
@@ -112,21 +88,14 @@ class ImageBuilder:
         if self._progress:
             self._progress(msg)
 
-    @contextlib.contextmanager
-    def _lock(self, name: str) -> Iterator[None]:
+    def _lock(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Serialise builds of one artefact across processes."""
-        lock = self.cache_dir / f".{name}.lock"
-        with open(lock, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return file_lock(self.cache_dir / f".{name}.lock")
 
-    def _local_inputs_key(self, packages: list[str], size_mb: int, password: str | None, distro: str) -> str:
+    def local_inputs_key(self, packages: list[str], size_mib: int, password: str | None, distro: str) -> str:
         files = [GUEST_DIR / "init.sh", GUEST_DIR / "stage1-init.sh", Path(rfs.__file__), *_agent_sources()]
         blobs = [p.read_bytes() for p in files if p.exists()]
-        return _sha(BUILDER_VERSION, distro, ",".join(packages), str(size_mb), password or "", *blobs)
+        return _sha(BUILDER_VERSION, distro, ",".join(packages), str(size_mib), password or "", *blobs)
 
     # ---------------------------------------------------------------- public API
     def image_path(self, name: str) -> Path:
@@ -144,8 +113,9 @@ class ImageBuilder:
         if art is None:
             return False
         m = art.manifest
-        want = self._local_inputs_key(m.get("packages", []), m.get("rootfs_size_mb", 0),
-                                      None, m.get("distro", "debian"))
+        want = self.local_inputs_key(
+            m.get("packages", []), m.get("rootfs_size_mib", 0), None, m.get("distro", "debian")
+        )
         return m.get("local_key") == want or bool(m.get("password"))
 
     def ensure_default(self) -> ImageArtifacts:
@@ -183,46 +153,60 @@ class ImageBuilder:
                     removed.append(str(p))
         return removed
 
-    def build_debian_ssh(self, name: str = "debian-ssh", ssh_password: str | None = None,
-                         rootfs_size_mb: int = 2048) -> tuple[Path, Path]:
-        """Build a Debian image with SSH + agent offline; returns ``(kernel, rootfs)``."""
-        art = self.build_image(name, ssh_password=ssh_password, rootfs_size_mb=rootfs_size_mb)
+    def build_debian_ssh(
+        self, name: str = "debian-ssh", ssh_password: str | None = None, rootfs_size_mb: int = 2048
+    ) -> tuple[Path, Path]:
+        """Build a Debian image with SSH + agent offline; returns ``(kernel, rootfs)``.
+        ``rootfs_size_mb`` is in MiB (the public API's name)."""
+        art = self.build_image(name, ssh_password=ssh_password, rootfs_size_mib=rootfs_size_mb)
         return art.kernel, art.rootfs
 
     def build_alpine_ssh(self, name: str, ssh_password: str, rootfs_size_mb: int = 512) -> tuple[Path, Path]:
-        """Build an Alpine image with SSH; needs Alpine's mirror. Returns ``(kernel, rootfs)``."""
-        from smolvm.images.alpine import build_alpine
-
+        """Build an Alpine image with SSH; needs Alpine's mirror. Returns ``(kernel, rootfs)``.
+        ``rootfs_size_mb`` is in MiB (the public API's name)."""
         return build_alpine(self, name, ssh_password, rootfs_size_mb)
 
     # ---------------------------------------------------------------- building
-    def build_image(self, name: str, *, ssh_password: str | None = None, rootfs_size_mb: int = 2048,
-                    packages: list[str] | None = None, force: bool = False,
-                    snapshot: bool = True) -> ImageArtifacts:
-        """Build (or return the cached) Debian image ``name``."""
+    def build_image(
+        self,
+        name: str,
+        *,
+        ssh_password: str | None = None,
+        rootfs_size_mib: int = 2048,
+        packages: list[str] | None = None,
+        force: bool = False,
+    ) -> ImageArtifacts:
+        """Build (or return the cached) Debian image ``name``. Only artifacts: the
+        ready-to-restore snapshot is the snapshot layer's (``smolvm.snapshots``)."""
         packages = list(packages or rfs.DEBIAN_PACKAGES)
-        key = self._local_inputs_key(packages, rootfs_size_mb, ssh_password, "debian")
+        key = self.local_inputs_key(packages, rootfs_size_mib, ssh_password, "debian")
 
         def populate(tree: Path) -> dict:
             base_tar = self._debian_base(packages)
             rfs.unpack_tree(base_tar, tree)
-            return {"suite": rfs.DEBIAN_SUITE, "packages": packages,
-                    "base_key": base_tar.name.split(".")[0]}
+            return {"suite": rfs.DEBIAN_SUITE, "packages": packages, "base_key": base_tar.name.split(".")[0]}
 
-        t_call = time.time()
-        art = self.assemble(name, "debian", key, populate, rootfs_size_mb=rootfs_size_mb,
-                            ssh_password=ssh_password, force=force)
-        if name == DEFAULT_IMAGE and snapshot and art.manifest.get("built_at", 0) >= t_call:
-            # End with a booted-and-ready snapshot: SmolVM() restores it (~0.3 s) instead
-            # of cold-booting (~3-4 s). A failure only costs speed (the next SmolVM() retries).
-            from smolvm.image_snapshots import build_default_snapshot
+        return self.assemble(
+            name,
+            "debian",
+            key,
+            populate,
+            rootfs_size_mib=rootfs_size_mib,
+            ssh_password=ssh_password,
+            force=force,
+        )
 
-            self._say(f"[{name}] booting once for the ready-to-restore snapshot")
-            build_default_snapshot(self)
-        return art
-
-    def assemble(self, name: str, distro: str, local_key: str, populate: Callable[[Path], dict], *,
-                 rootfs_size_mb: int, ssh_password: str | None, force: bool = False) -> ImageArtifacts:
+    def assemble(
+        self,
+        name: str,
+        distro: str,
+        local_key: str,
+        populate: Callable[[Path], dict],
+        *,
+        rootfs_size_mib: int,
+        ssh_password: str | None,
+        force: bool = False,
+    ) -> ImageArtifacts:
         """Shared tail of every build: ``populate`` fills a tree with a distribution; we add
         our init and agent, pack ext4, link the shared kernel + initrd, write the manifest."""
         if not name or "/" in name or name.startswith((".", "_")):
@@ -242,17 +226,24 @@ class ImageBuilder:
                 extra = populate(tree)
                 agent = self._build_agent(tmp)
                 rfs.install_guest_files(tree, agent, GUEST_DIR / "init.sh", password=ssh_password)
-                self._say(f"[{name}] writing ext4 image ({rootfs_size_mb} MiB, sparse)")
-                rfs.make_ext4(tree, tmp / "rootfs.ext4", rootfs_size_mb)
+                self._say(f"[{name}] writing ext4 image ({rootfs_size_mib} MiB, sparse)")
+                rfs.make_ext4(tree, tmp / "rootfs.ext4", rootfs_size_mib)
                 shutil.rmtree(tree)
                 for f in ("vmlinux", "initrd.cpio"):
                     os.link(kern / f, tmp / f)
                 manifest = {
-                    "name": name, "distro": distro, "rootfs_size_mb": rootfs_size_mb,
-                    "kernel_key": kern.name, "kernel": json.loads((kern / "kernel.json").read_text()),
-                    "local_key": local_key, "agent": agent is not None, "ssh": True,
-                    "password": bool(ssh_password), "built_at": time.time(),
-                    "build_seconds": round(time.monotonic() - t0, 1), **extra,
+                    "name": name,
+                    "distro": distro,
+                    "rootfs_size_mib": rootfs_size_mib,
+                    "kernel_key": kern.name,
+                    "kernel": json.loads((kern / "kernel.json").read_text()),
+                    "local_key": local_key,
+                    "agent": agent is not None,
+                    "ssh": True,
+                    "password": bool(ssh_password),
+                    "built_at": time.time(),
+                    "build_seconds": round(time.monotonic() - t0, 1),
+                    **extra,
                 }
                 (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
                 if out.exists():
@@ -266,9 +257,7 @@ class ImageBuilder:
             return art
 
     def _build_agent(self, work: Path) -> Path | None:
-        try:
-            from smolvm.guest import build_agent
-        except ImportError:
+        if not all(Path(p).exists() for p in AGENT_SOURCES):
             log.warning("guest agent sources missing; image will use SSH only")
             return None
         self._say("compiling the guest agent (static)")
@@ -310,8 +299,9 @@ class ImageBuilder:
                 cpio.file("lib/modules/order", ("\n".join(order) + "\n").encode())
                 cpio.write(work / "initrd.cpio")
                 os.replace(tree.vmlinux, work / "vmlinux")
-                (work / "kernel.json").write_text(json.dumps(
-                    {"package": tree.package, "version": tree.version, "modules": order}))
+                (work / "kernel.json").write_text(
+                    json.dumps({"package": tree.package, "version": tree.version, "modules": order})
+                )
                 final = work.with_name(key)
                 for junk in ("kernel-root", "debs"):
                     shutil.rmtree(work / junk, ignore_errors=True)

@@ -14,7 +14,19 @@ class CpioWriter:
     def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
         nameb = name.encode() + b"\x00"
         fields = [
-            self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(nameb), 0,
+            self._ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            len(data),
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(nameb),
+            0,
         ]
         self._ino += 1
         hdr = b"070701" + b"".join(b"%08X" % f for f in fields)

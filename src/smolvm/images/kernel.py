@@ -22,9 +22,9 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 
 @dataclass
 class KernelTree:
-    version: str          # e.g. "6.1.0-56-amd64"
-    package: str          # e.g. "linux-image-6.1.0-56-amd64=6.1.192-2"
-    root: Path            # extracted package root (boot/, lib/modules/)
+    version: str  # e.g. "6.1.0-56-amd64"
+    package: str  # e.g. "linux-image-6.1.0-56-amd64=6.1.192-2"
+    root: Path  # extracted package root (boot/, lib/modules/)
     vmlinux: Path
 
 
@@ -49,9 +49,7 @@ def resolve_kernel_package() -> tuple[str, str]:
     out = run(["apt-cache", "depends", KERNEL_META_PACKAGE], what="resolving kernel package")
     m = re.search(r"Depends: (linux-image-[\w.+-]+)", out)
     if not m:
-        raise ImageError(
-            f"cannot resolve {KERNEL_META_PACKAGE}: run `apt-get update` and retry"
-        )
+        raise ImageError(f"cannot resolve {KERNEL_META_PACKAGE}: run `apt-get update` and retry")
     name = m.group(1)
     pol = run(["apt-cache", "policy", name], what="kernel version")
     vm = re.search(r"Candidate: (\S+)", pol)

@@ -18,13 +18,26 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 #: 2 s faster than openssh-server under TCG), sftp for scp, and busybox-static for the
 #: fast command shell.
 DEBIAN_PACKAGES = [
-    "python3", "bash", "coreutils", "iproute2", "dropbear-bin", "openssh-sftp-server",
-    "busybox-static", "e2fsprogs", "procps", "ca-certificates",
+    "python3",
+    "bash",
+    "coreutils",
+    "iproute2",
+    "dropbear-bin",
+    "openssh-sftp-server",
+    "busybox-static",
+    "e2fsprogs",
+    "procps",
+    "ca-certificates",
 ]
 ROOT_LABEL = "smolvm-root"
 _TRIM = [
-    "usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
-    "var/cache/apt/archives", "var/lib/apt/lists", "var/cache/debconf/templates.dat-old",
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "var/cache/apt/archives",
+    "var/lib/apt/lists",
+    "var/cache/debconf/templates.dat-old",
 ]
 
 
@@ -42,8 +55,12 @@ def debootstrap(dest: Path, packages: list[str]) -> None:
     if not shutil.which("debootstrap"):
         raise ImageError("debootstrap is not installed: run scripts/setup.sh (apt-get install debootstrap)")
     argv = [
-        "debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
-        DEBIAN_SUITE, str(dest), mirror(),
+        "debootstrap",
+        "--variant=minbase",
+        f"--include={','.join(packages)}",
+        DEBIAN_SUITE,
+        str(dest),
+        mirror(),
     ]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -63,7 +80,9 @@ def trim(root: Path) -> None:
             p.mkdir(parents=True, exist_ok=True)
 
 
-def install_guest_files(root: Path, agent: Path | None, init_script: Path, *, password: str | None = None) -> None:
+def install_guest_files(
+    root: Path, agent: Path | None, init_script: Path, *, password: str | None = None
+) -> None:
     """Put our init, agent and shell into the tree and set SSH defaults."""
     lib = root / "usr/lib/smolvm"
     lib.mkdir(parents=True, exist_ok=True)
@@ -96,7 +115,10 @@ def install_guest_files(root: Path, agent: Path | None, init_script: Path, *, pa
     if password:
         (smol_etc / "password-auth").write_text("1\n")
         subprocess.run(
-            ["chroot", str(root), "chpasswd"], input=f"root:{password}\n", text=True, check=True,
+            ["chroot", str(root), "chpasswd"],
+            input=f"root:{password}\n",
+            text=True,
+            check=True,
         )
     (root / "root").chmod(0o700)
     tune_login_shell(root)
@@ -113,15 +135,17 @@ def tune_login_shell(root: Path) -> None:
     if profile.exists():
         text = profile.read_text()
         if '"$(id -u)"' in text:
-            uid = ('_smolvm_uid=""\nwhile read -r _k _v _r; do [ "$_k" = Uid: ] && '
-                   '{ _smolvm_uid=$_v; break; }; done < /proc/self/status\n')
+            uid = (
+                '_smolvm_uid=""\nwhile read -r _k _v _r; do [ "$_k" = Uid: ] && '
+                "{ _smolvm_uid=$_v; break; }; done < /proc/self/status\n"
+            )
             text = uid + text.replace('"$(id -u)"', '"${_smolvm_uid:-0}"')
             profile.write_text(text)
     rprof = root / "root/.profile"
     if rprof.exists():
         text = rprof.read_text().replace("mesg n 2> /dev/null || true", "[ -t 0 ] && mesg n 2> /dev/null")
         if (root / "bin/bash").exists() and "exec /bin/bash" not in text:
-            text += '\n# Interactive logins get bash; commands run in the fast static shell.\n'
+            text += "\n# Interactive logins get bash; commands run in the fast static shell.\n"
             text += '[ -t 0 ] && [ -z "${BASH-}" ] && exec /bin/bash -l\n'
         rprof.write_text(text)
     passwd = root / "etc/passwd"
@@ -137,8 +161,8 @@ def tune_login_shell(root: Path) -> None:
         passwd.write_text("\n".join(out) + "\n")
     shells = root / "etc/shells"
     if shells.exists() and "/usr/lib/smolvm/sh" not in shells.read_text():
-        with open(shells, "a") as f:
-            f.write("/usr/lib/smolvm/sh\n")
+        with open(shells, "a") as sh:
+            sh.write("/usr/lib/smolvm/sh\n")
 
 
 def pack_tree(root: Path, tar_path: Path) -> None:
@@ -153,21 +177,33 @@ def unpack_tree(tar_path: Path, dest: Path) -> None:
         tar.extractall(dest, filter="fully_trusted")
 
 
-def make_ext4(root: Path, image: Path, size_mb: int) -> Path:
+def make_ext4(root: Path, image: Path, size_mib: int) -> Path:
     """Pack ``root`` into a sparse ext4 image labelled ``smolvm-root``."""
     used_mb = int(subprocess.run(["du", "-sm", str(root)], capture_output=True, text=True).stdout.split()[0])
-    if size_mb < used_mb + 64:
+    if size_mib < used_mb + 64:
         raise ImageError(
-            f"rootfs_size_mb={size_mb} is too small: the tree needs {used_mb} MiB plus 64 MiB "
+            f"rootfs_size_mb={size_mib} is too small: the tree needs {used_mb} MiB plus 64 MiB "
             f"headroom; use at least {used_mb + 64}"
         )
     tmp = image.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     with open(tmp, "wb") as f:
-        f.truncate(size_mb * 1024 * 1024)
+        f.truncate(size_mib * 1024 * 1024)
     run(
-        ["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-O", "^has_journal", "-E",
-         "root_owner=0:0", "-d", str(root), str(tmp)],
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            ROOT_LABEL,
+            "-O",
+            "^has_journal",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            str(root),
+            str(tmp),
+        ],
         what="creating the ext4 root filesystem",
     )
     os.replace(tmp, image)

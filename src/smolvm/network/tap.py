@@ -27,7 +27,6 @@ which also avoid each other's subnets by looking at the addresses present on the
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import ipaddress
 import json
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from smolvm.exceptions import NetworkError
+from smolvm.locks import file_lock
+from smolvm.network.ports import mac_for, reserve_ports
 from smolvm.state import StateStore
 from smolvm.types import NetworkInfo
 
@@ -137,18 +138,13 @@ def require_root() -> None:
 def host_lock() -> Iterator[None]:
     """Host-wide lock: serialises TAP/nft changes of every SmolVM process and data dir."""
     LOCK_PATH.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(LOCK_PATH):
         yield
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- nftables
 def _nft_bin() -> str:
-    path = shutil.which("nft") or next(
-        (p for p in ("/usr/sbin/nft", "/sbin/nft") if os.path.exists(p)), None)
+    path = shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if os.path.exists(p)), None)
     if not path:
         raise NetworkError("nft not found: apt-get install nftables (needed by network='tap')")
     return path
@@ -164,8 +160,9 @@ def nft_apply(commands: list[dict[str, Any]]) -> None:
 
 def nft_rules() -> list[dict[str, Any]] | None:
     """The rules of table ``ip smolvm`` (None when the table does not exist)."""
-    proc = subprocess.run([_nft_bin(), "-j", "list", "table", NFT_FAMILY, NFT_TABLE],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [_nft_bin(), "-j", "list", "table", NFT_FAMILY, NFT_TABLE], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         if "No such file or directory" in proc.stderr or "does not exist" in proc.stderr:
             return None
@@ -187,8 +184,17 @@ def _field(proto: str, name: str) -> dict[str, Any]:
 
 
 def _rule(chain: str, comment: str, *expr: dict[str, Any]) -> dict[str, Any]:
-    return {"add": {"rule": {"family": NFT_FAMILY, "table": NFT_TABLE, "chain": chain,
-                             "comment": comment, "expr": list(expr)}}}
+    return {
+        "add": {
+            "rule": {
+                "family": NFT_FAMILY,
+                "table": NFT_TABLE,
+                "chain": chain,
+                "comment": comment,
+                "expr": list(expr),
+            }
+        }
+    }
 
 
 def _base_objects() -> list[dict[str, Any]]:
@@ -196,12 +202,42 @@ def _base_objects() -> list[dict[str, Any]]:
     t = {"family": NFT_FAMILY, "table": NFT_TABLE}
     return [
         {"add": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}},
-        {"add": {"chain": {**t, "name": CHAIN_OUTPUT, "type": "nat", "hook": "output",
-                           "prio": -100, "policy": "accept"}}},
-        {"add": {"chain": {**t, "name": CHAIN_POSTROUTING, "type": "nat", "hook": "postrouting",
-                           "prio": 100, "policy": "accept"}}},
-        {"add": {"chain": {**t, "name": CHAIN_FORWARD, "type": "filter", "hook": "forward",
-                           "prio": 0, "policy": "accept"}}},
+        {
+            "add": {
+                "chain": {
+                    **t,
+                    "name": CHAIN_OUTPUT,
+                    "type": "nat",
+                    "hook": "output",
+                    "prio": -100,
+                    "policy": "accept",
+                }
+            }
+        },
+        {
+            "add": {
+                "chain": {
+                    **t,
+                    "name": CHAIN_POSTROUTING,
+                    "type": "nat",
+                    "hook": "postrouting",
+                    "prio": 100,
+                    "policy": "accept",
+                }
+            }
+        },
+        {
+            "add": {
+                "chain": {
+                    **t,
+                    "name": CHAIN_FORWARD,
+                    "type": "filter",
+                    "hook": "forward",
+                    "prio": 0,
+                    "policy": "accept",
+                }
+            }
+        },
     ]
 
 
@@ -209,29 +245,48 @@ def vm_rules(tag: str, tap: str, guest: str, gateway: str, forwards: dict[int, i
     """nftables commands adding one VM's rules (``forwards``: 127.0.0.1 port → guest port)."""
     out = []
     for host_port, guest_port in forwards.items():
-        out.append(_rule(CHAIN_OUTPUT, tag,
-                         _m(_field("ip", "daddr"), "127.0.0.1"),
-                         _m(_meta("l4proto"), "tcp"),
-                         _m(_field("tcp", "dport"), int(host_port)),
-                         {"dnat": {"addr": guest, "port": int(guest_port)}}))
+        out.append(
+            _rule(
+                CHAIN_OUTPUT,
+                tag,
+                _m(_field("ip", "daddr"), "127.0.0.1"),
+                _m(_meta("l4proto"), "tcp"),
+                _m(_field("tcp", "dport"), int(host_port)),
+                {"dnat": {"addr": guest, "port": int(guest_port)}},
+            )
+        )
     # Loopback-sourced packets redirected into the TAP: the guest must answer the gateway.
-    out.append(_rule(CHAIN_POSTROUTING, tag,
-                     _m(_meta("oifname"), tap),
-                     _m(_field("ip", "saddr"), {"prefix": {"addr": "127.0.0.0", "len": 8}}),
-                     {"snat": {"addr": gateway}}))
+    out.append(
+        _rule(
+            CHAIN_POSTROUTING,
+            tag,
+            _m(_meta("oifname"), tap),
+            _m(_field("ip", "saddr"), {"prefix": {"addr": "127.0.0.0", "len": 8}}),
+            {"snat": {"addr": gateway}},
+        )
+    )
     # The guest's own traffic leaving the host (not towards another TAP).
-    out.append(_rule(CHAIN_POSTROUTING, tag,
-                     _m(_field("ip", "saddr"), guest),
-                     _m(_meta("oifname"), TAP_PREFIX + "*", "!="),
-                     {"masquerade": None}))
+    out.append(
+        _rule(
+            CHAIN_POSTROUTING,
+            tag,
+            _m(_field("ip", "saddr"), guest),
+            _m(_meta("oifname"), TAP_PREFIX + "*", "!="),
+            {"masquerade": None},
+        )
+    )
     return out
 
 
 def _isolation_rule() -> dict[str, Any]:
-    return _rule(CHAIN_FORWARD, ISOLATE_TAG,
-                 _m(_meta("iifname"), TAP_PREFIX + "*"),
-                 _m(_meta("oifname"), TAP_PREFIX + "*"),
-                 {"counter": None}, {"drop": None})
+    return _rule(
+        CHAIN_FORWARD,
+        ISOLATE_TAG,
+        _m(_meta("iifname"), TAP_PREFIX + "*"),
+        _m(_meta("oifname"), TAP_PREFIX + "*"),
+        {"counter": None},
+        {"drop": None},
+    )
 
 
 def delete_nft_rules(tag: str) -> None:
@@ -245,8 +300,18 @@ def delete_nft_rules(tag: str) -> None:
             mine = [r for r in rules if r.get("comment") == tag]
             others = [r for r in rules if r.get("comment") not in (tag, ISOLATE_TAG)]
             cmds: list[dict[str, Any]] = [
-                {"delete": {"rule": {"family": NFT_FAMILY, "table": NFT_TABLE, "chain": r["chain"],
-                                     "handle": r["handle"]}}} for r in mine]
+                {
+                    "delete": {
+                        "rule": {
+                            "family": NFT_FAMILY,
+                            "table": NFT_TABLE,
+                            "chain": r["chain"],
+                            "handle": r["handle"],
+                        }
+                    }
+                }
+                for r in mine
+            ]
             if not others:
                 cmds = [{"delete": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}}]
             if not cmds:
@@ -261,15 +326,15 @@ def delete_nft_rules(tag: str) -> None:
 
 
 # ---------------------------------------------------------------------------- links
-def _ipr():
+def _ipr() -> Any:
     try:
-        from pyroute2 import IPRoute
+        from pyroute2 import IPRoute  # ~150 ms to import: only TAP users pay it
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise NetworkError("pyroute2 is missing: pip install pyroute2 (needed by network='tap')") from exc
     return IPRoute()
 
 
-def _host_networks(ipr) -> tuple[list[ipaddress.IPv4Network], set[str]]:
+def _host_networks(ipr: Any) -> tuple[list[ipaddress.IPv4Network], set[str]]:
     """Networks of the host's non-TAP addresses, and names of existing links."""
     index_name = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
     nets = []
@@ -294,8 +359,8 @@ def _set_sysctl(path: str, value: str) -> None:
         raise NetworkError(f"cannot set {path.replace('/', '.')}={value}: {exc}") from exc
 
 
-def _create_tap(ipr, name: str, gateway: str, prefix: int) -> None:
-    from pyroute2.netlink.exceptions import NetlinkError
+def _create_tap(ipr: Any, name: str, gateway: str, prefix: int) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError  # heavy import: TAP users only
 
     try:
         ipr.link("add", ifname=name, kind="tuntap", mode="tap")
@@ -310,7 +375,7 @@ def _create_tap(ipr, name: str, gateway: str, prefix: int) -> None:
 
 def delete_tap_device(name: str) -> None:
     """Delete a TAP device; a missing one is fine."""
-    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2.netlink.exceptions import NetlinkError  # heavy import: TAP users only
 
     with _ipr() as ipr:
         idx = ipr.link_lookup(ifname=name)
@@ -334,8 +399,10 @@ def _take_lease(state: StateStore, vm_id: str, avoid: list[ipaddress.IPv4Network
             if str(sub) in taken or any(sub.overlaps(n) for n in avoid):
                 continue
             try:
-                conn.execute("INSERT INTO resources (vm_id, kind, value, created_at) VALUES (?,?,?,?)",
-                             (vm_id, "lease", str(sub), time.time()))
+                conn.execute(
+                    "INSERT INTO resources (vm_id, kind, value, created_at) VALUES (?,?,?,?)",
+                    (vm_id, "lease", str(sub), time.time()),
+                )
             except sqlite3.IntegrityError:
                 continue
             return sub
@@ -345,8 +412,6 @@ def _take_lease(state: StateStore, vm_id: str, avoid: list[ipaddress.IPv4Network
 # ---------------------------------------------------------------------------- public API
 def allocate_tap(state: StateStore, vm_id: str, forwards: dict[int, int]) -> NetworkInfo:
     """Lease a /30, create the VM's TAP and its NAT/forward rules; return how to reach it."""
-    from smolvm.network.manager import LOOPBACK, _free_ports, mac_for, port_is_free
-
     require_root()
     _nft_bin()
     tap = tap_name(vm_id)
@@ -358,20 +423,15 @@ def allocate_tap(state: StateStore, vm_id: str, forwards: dict[int, int]) -> Net
                 raise NetworkError(
                     f"a network device named {tap} already exists: another SmolVM data dir uses "
                     f"vm_id {vm_id!r}, or a crashed one left it (run `smolvm reconcile` there)",
-                    {"tap": tap})
+                    {"tap": tap},
+                )
             sub = _take_lease(state, vm_id, avoid)
             hosts = list(sub.hosts())
             gateway, guest = str(hosts[0]), str(hosts[1])
             state.add_resource(vm_id, "tap", tap)
             _create_tap(ipr, tap, gateway, sub.prefixlen)
 
-            ssh_port = state.reserve_port(vm_id, "ssh", _free_ports())
-            for host_port, guest_port in forwards.items():
-                if not port_is_free(host_port):
-                    raise NetworkError(
-                        f"host port {host_port} on {LOOPBACK} is in use; pick another port_forwards key",
-                        {"port": host_port})
-                state.reserve_port(vm_id, f"forward:{guest_port}", iter([host_port]))
+            ssh_port = reserve_ports(state, vm_id, forwards)
 
             all_fwd = {ssh_port: 22, **{int(h): int(g) for h, g in forwards.items()}}
             cmds = _base_objects()
@@ -390,8 +450,13 @@ def allocate_tap(state: StateStore, vm_id: str, forwards: dict[int, int]) -> Net
             log.warning("cleanup after failed TAP allocation for %s: %s", vm_id, exc)
         raise
     return NetworkInfo(
-        mode="tap", guest_ip=guest, gateway_ip=gateway, netmask=str(sub.netmask), tap_device=tap,
-        mac_address=mac_for(vm_id), ssh_host_port=ssh_port,
+        mode="tap",
+        guest_ip=guest,
+        gateway_ip=gateway,
+        netmask=str(sub.netmask),
+        tap_device=tap,
+        mac_address=mac_for(vm_id),
+        ssh_host_port=ssh_port,
         port_forwards={int(h): int(g) for h, g in forwards.items()},
     )
 

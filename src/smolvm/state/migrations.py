@@ -75,4 +75,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE vms ADD COLUMN pool_owner TEXT;
     CREATE INDEX IF NOT EXISTS vms_pool ON vms(pool, status);
     """,
+    # 4: audit log's time index and captured output (see smolvm.guards.audit).
+    """
+    CREATE INDEX IF NOT EXISTS audit_started ON audit_log(started_at);
+    CREATE TABLE IF NOT EXISTS audit_output (
+        audit_id INTEGER PRIMARY KEY,
+        stdout TEXT,
+        stderr TEXT,
+        truncated INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 ]

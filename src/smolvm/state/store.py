@@ -16,14 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from smolvm.exceptions import SmolVMError, VMAlreadyExistsError, VMNotFoundError
+from pydantic import BaseModel
+
+from smolvm.exceptions import SnapshotError, StateError, VMAlreadyExistsError, VMNotFoundError
 from smolvm.state.migrations import MIGRATIONS
+from smolvm.state.records import SnapshotRecord, VMRecord
+from smolvm.types import VMConfig, VMState
 
 SCHEMA_VERSION = len(MIGRATIONS)
-
-
-class StateError(SmolVMError):
-    """The state database is unreadable, locked for too long, or from a newer SmolVM."""
 
 
 class StateStore:
@@ -42,8 +42,10 @@ class StateStore:
 
     # ------------------------------------------------------------ connections
     def connect(self) -> sqlite3.Connection:
+        """This thread's connection (a forked child opens its own: SQLite handles must not
+        cross a fork)."""
         conn = getattr(self._local, "conn", None)
-        if conn is None:
+        if conn is None or self._local.pid != os.getpid():
             try:
                 conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             except sqlite3.Error as exc:
@@ -53,6 +55,7 @@ class StateStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
+            self._local.pid = os.getpid()
             with self._lock:
                 self._all.append(conn)
         return conn
@@ -101,10 +104,21 @@ class StateStore:
         return self.connect().execute("PRAGMA user_version").fetchone()[0]
 
     # ------------------------------------------------------------ VMs
-    def insert_vm(self, vm_id: str, *, status: str, backend: str, config: dict, **fields: Any) -> None:
+    def insert_vm(
+        self, vm_id: str, *, status: VMState, backend: str, config: VMConfig, **fields: Any
+    ) -> None:
         now = time.time()
-        cols = {"vm_id": vm_id, "status": status, "backend": backend, "config": json.dumps(config),
-                "created_at": now, "updated_at": now, **_encode(fields)}
+        cols = _encode(
+            {
+                "vm_id": vm_id,
+                "status": status,
+                "backend": backend,
+                "config": config,
+                "created_at": now,
+                "updated_at": now,
+                **fields,
+            }
+        )
         try:
             with self.tx() as conn:
                 conn.execute(
@@ -127,22 +141,22 @@ class StateStore:
             if cur.rowcount == 0:
                 raise VMNotFoundError(vm_id)
 
-    def get_vm(self, vm_id: str) -> dict[str, Any]:
+    def get_vm(self, vm_id: str) -> VMRecord:
         row = self.connect().execute("SELECT * FROM vms WHERE vm_id=?", (vm_id,)).fetchone()
         if row is None:
             raise VMNotFoundError(vm_id)
-        return _decode(row)
+        return VMRecord.from_row(_decode(row))
 
     def vm_exists(self, vm_id: str) -> bool:
         return self.connect().execute("SELECT 1 FROM vms WHERE vm_id=?", (vm_id,)).fetchone() is not None
 
-    def list_vms(self, status: str | None = None) -> list[dict[str, Any]]:
+    def list_vms(self, status: str | None = None) -> list[VMRecord]:
         conn = self.connect()
         if status is None:
             rows = conn.execute("SELECT * FROM vms ORDER BY created_at").fetchall()
         else:
             rows = conn.execute("SELECT * FROM vms WHERE status=? ORDER BY created_at", (status,)).fetchall()
-        return [_decode(r) for r in rows]
+        return [VMRecord.from_row(_decode(r)) for r in rows]
 
     def delete_vm(self, vm_id: str) -> None:
         with self.tx() as conn:
@@ -181,7 +195,9 @@ class StateStore:
         with self.tx() as conn:
             for port in candidates:
                 try:
-                    conn.execute("INSERT INTO ports (port, vm_id, purpose) VALUES (?,?,?)", (port, vm_id, purpose))
+                    conn.execute(
+                        "INSERT INTO ports (port, vm_id, purpose) VALUES (?,?,?)", (port, vm_id, purpose)
+                    )
                 except sqlite3.IntegrityError:
                     continue
                 conn.execute(
@@ -200,24 +216,26 @@ class StateStore:
             conn.execute("DELETE FROM resources WHERE vm_id=? AND kind='port'", (vm_id,))
 
     # ------------------------------------------------------------ snapshots
-    def insert_snapshot(self, name: str, *, source_vm: str | None, path: str, config: dict, meta: dict) -> None:
+    def insert_snapshot(
+        self, name: str, *, source_vm: str | None, path: str, config: dict, meta: dict
+    ) -> None:
         try:
             with self.tx() as conn:
                 conn.execute(
-                    "INSERT INTO snapshots (name, source_vm, path, config, meta, created_at) VALUES (?,?,?,?,?,?)",
+                    "INSERT INTO snapshots (name, source_vm, path, config, meta, created_at) "
+                    "VALUES (?,?,?,?,?,?)",
                     (name, source_vm, path, json.dumps(config), json.dumps(meta), time.time()),
                 )
         except sqlite3.IntegrityError:
-            from smolvm.exceptions import SnapshotError
-
             raise SnapshotError(f"snapshot {name!r} already exists; delete it or pick another name") from None
 
-    def get_snapshot(self, name: str) -> dict[str, Any] | None:
+    def get_snapshot(self, name: str) -> SnapshotRecord | None:
         row = self.connect().execute("SELECT * FROM snapshots WHERE name=?", (name,)).fetchone()
-        return _decode(row) if row else None
+        return SnapshotRecord.from_row(_decode(row)) if row else None
 
-    def list_snapshots(self) -> list[dict[str, Any]]:
-        return [_decode(r) for r in self.connect().execute("SELECT * FROM snapshots ORDER BY created_at")]
+    def list_snapshots(self) -> list[SnapshotRecord]:
+        rows = self.connect().execute("SELECT * FROM snapshots ORDER BY created_at")
+        return [SnapshotRecord.from_row(_decode(r)) for r in rows]
 
     def update_snapshot(self, name: str, *, meta: dict) -> None:
         with self.tx() as conn:
@@ -231,12 +249,13 @@ class StateStore:
         never get the same VM."""
         with self.tx() as conn:
             row = conn.execute(
-                "SELECT vm_id FROM vms WHERE status='paused' AND pool=? ORDER BY created_at LIMIT 1",
-                (pool,)).fetchone()
+                "SELECT vm_id FROM vms WHERE status='paused' AND pool=? ORDER BY created_at LIMIT 1", (pool,)
+            ).fetchone()
             if row is None:
                 return None
-            conn.execute("UPDATE vms SET pool=NULL, pool_owner=NULL, updated_at=? WHERE vm_id=?",
-                         (time.time(), row[0]))
+            conn.execute(
+                "UPDATE vms SET pool=NULL, pool_owner=NULL, updated_at=? WHERE vm_id=?", (time.time(), row[0])
+            )
             return row[0]
 
     def claim_vm(self, vm_id: str) -> bool:
@@ -244,17 +263,19 @@ class StateStore:
         with self.tx() as conn:
             cur = conn.execute(
                 "UPDATE vms SET pool=NULL, pool_owner=NULL, updated_at=? "
-                "WHERE vm_id=? AND pool IS NOT NULL AND status='paused'", (time.time(), vm_id))
+                "WHERE vm_id=? AND pool IS NOT NULL AND status='paused'",
+                (time.time(), vm_id),
+            )
             return cur.rowcount == 1
 
-    def pool_vms(self, pool: str | None = None) -> list[dict[str, Any]]:
+    def pool_vms(self, pool: str | None = None) -> list[VMRecord]:
         """VMs that belong to a pool (``pool`` key, or every pool), oldest first."""
         conn = self.connect()
         if pool is None:
             rows = conn.execute("SELECT * FROM vms WHERE pool IS NOT NULL ORDER BY created_at").fetchall()
         else:
             rows = conn.execute("SELECT * FROM vms WHERE pool=? ORDER BY created_at", (pool,)).fetchall()
-        return [_decode(r) for r in rows]
+        return [VMRecord.from_row(_decode(r)) for r in rows]
 
     def delete_snapshot(self, name: str) -> None:
         with self.tx() as conn:
@@ -267,10 +288,14 @@ _JSON_COLS = {"config", "network", "meta"}
 def _encode(fields: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in fields.items():
+        if isinstance(v, BaseModel):
+            v = v.model_dump(mode="json")
         if k in _JSON_COLS and not isinstance(v, str):
             v = json.dumps(v)
         elif isinstance(v, Path):
             v = str(v)
+        elif isinstance(v, VMState):
+            v = v.value
         out[k] = v
     return out
 

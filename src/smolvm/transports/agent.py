@@ -20,7 +20,6 @@ ends its session. Firecracker's vsock UDS accepts any number of clients: no lock
 from __future__ import annotations
 
 import errno
-import fcntl
 import math
 import os
 import socket
@@ -31,12 +30,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from smolvm.backends.base import AGENT_PORTS, agent_lock_path
 from smolvm.exceptions import (
     CommandExecutionUnavailableError,
     OperationTimeoutError,
     TransportError,
     ValidationError,
 )
+from smolvm.locks import try_lock
 from smolvm.transports.agent_proto import (
     CHUNK,
     EXEC_STDIN,
@@ -57,15 +58,14 @@ from smolvm.transports.agent_proto import (
     WF_FSYNC,
     WF_MKDIRS,
     AgentError,
+    Conn,
+    ExecStream,
     GuestFileNotFoundError,
-    _Conn,
-    _enc,
-    _ExecStream,
-    _ReadStream,
-    _Stream,
+    ReadStream,
+    Stream,
+    encode_fields,
     handshake,
 )
-from smolvm.backends.base import AGENT_PORTS, agent_lock_path
 from smolvm.transports.base import GUEST_SHELL, ExecRequest, OutputCallback, ProcessHandle, Transport
 from smolvm.types import CommandResult
 
@@ -76,7 +76,7 @@ _TIMEOUT_GRACE = 5.0
 class AgentProcessHandle(ProcessHandle):
     """A command started with :meth:`AgentTransport.spawn`."""
 
-    def __init__(self, conn: _Conn, sid: int, stream: _ExecStream, req: ExecRequest, start: float) -> None:
+    def __init__(self, conn: Conn, sid: int, stream: ExecStream, req: ExecRequest, start: float) -> None:
         self._conn, self._sid, self._s, self._req, self._start = conn, sid, stream, req, start
         self.pid = stream.pid
 
@@ -109,7 +109,7 @@ class AgentProcessHandle(ProcessHandle):
         return b"".join(list(self._s.err))
 
 
-def _abandon(conn: _Conn, sid: int) -> None:
+def _abandon(conn: Conn, sid: int) -> None:
     """Stop caring about stream ``sid``: kill its process (or cancel its transfer)."""
     conn.drop_stream(sid)
     try:
@@ -123,7 +123,7 @@ def _close_fd(fd: int | None) -> None:
         os.close(fd)
 
 
-def _result(s: _ExecStream, req: ExecRequest, duration: float) -> CommandResult:
+def _result(s: ExecStream, req: ExecRequest, duration: float) -> CommandResult:
     if s.error is not None:
         raise s.error
     out, err = b"".join(s.out), b"".join(s.err)
@@ -183,14 +183,14 @@ class AgentTransport(Transport):
         self.vsock_port = vsock_port
         self.op_timeout = op_timeout
         self.exclusive = vsock_port is None if exclusive is None else exclusive
-        self._conn: _Conn | None = None
+        self._conn: Conn | None = None
         self._port_lock: int | None = None  # fd holding flock on the connected port's lock file
         #: The socket of the current (or last) connection.
         self.connected_path: Path | None = None
         self._lock = threading.Lock()
 
     # -- connection -----------------------------------------------------------------------
-    def _get_conn(self, timeout: float | None = None) -> _Conn:
+    def _get_conn(self, timeout: float | None = None) -> Conn:
         with self._lock:
             if self._conn is None or self._conn.dead is not None:
                 if self._conn is not None:
@@ -198,6 +198,7 @@ class AgentTransport(Transport):
                     self._conn = None
                 self._release_port()
                 self._conn = self._connect(self.connect_timeout if timeout is None else timeout)
+                self.connects += 1
             return self._conn
 
     def _release_port(self) -> None:
@@ -209,29 +210,13 @@ class AgentTransport(Transport):
         """Lock ``sock``'s port: (True, fd) when taken, (False, None) when another process
         holds it, (True, None) when no lock file can be made (e.g. read-only directory)."""
         path = agent_lock_path(sock)
-        for _ in range(3):
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            except OSError as exc:
-                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                    return True, None
-                raise self._unavailable(f"cannot open the port's lock file {path}: {exc}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False, None
-            except BaseException:
-                os.close(fd)
-                raise
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                return True, fd
-            os.close(fd)  # unlinked (VM stopped/restarted) between open and flock: retry
-        return False, None
+        try:
+            fd = try_lock(path)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return True, None
+            raise self._unavailable(f"cannot open the port's lock file {path}: {exc}") from None
+        return fd is not None, fd
 
     def _pick_port(self, deadline: float, timeout: float) -> tuple[Path, int | None]:
         """The first socket whose port is free (its lock taken), waiting until ``deadline``."""
@@ -252,7 +237,11 @@ class AgentTransport(Transport):
                     remediation=f"at most {len(present)} process{'es' if len(present) != 1 else ''} can "
                     "hold a command channel to one VM at once; close other SmolVM handles or use "
                     "comm_channel='ssh'"
-                    + ("" if len(present) > 1 else f" (VMs started by this SmolVM version have {AGENT_PORTS})"),
+                    + (
+                        ""
+                        if len(present) > 1
+                        else f" (VMs started by this SmolVM version have {AGENT_PORTS})"
+                    ),
                 )
             time.sleep(min(0.05, max(deadline - time.monotonic(), 0.001)))
 
@@ -263,7 +252,7 @@ class AgentTransport(Transport):
             "agent (rebuild the image with musl-tools installed); otherwise use comm_channel='ssh'.",
         )
 
-    def _connect(self, timeout: float) -> _Conn:
+    def _connect(self, timeout: float) -> Conn:
         deadline = time.monotonic() + timeout
         path, lock_fd = self._pick_port(deadline, timeout)
         # Time spent waiting for a free port does not starve the handshake.
@@ -277,7 +266,7 @@ class AgentTransport(Transport):
                 pending = self._vsock_connect(sock, deadline)
             pending = handshake(sock, deadline, pending)
             sock.settimeout(None)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             sock.close()
             _close_fd(lock_fd)
             raise self._unavailable(
@@ -294,7 +283,7 @@ class AgentTransport(Transport):
             _close_fd(lock_fd)
             raise
         self._port_lock, self.connected_path = lock_fd, path
-        return _Conn(sock, pending)
+        return Conn(sock, pending)
 
     def _vsock_connect(self, sock: socket.socket, deadline: float) -> bytes:
         sock.sendall(f"CONNECT {self.vsock_port}\n".encode())
@@ -303,8 +292,9 @@ class AgentTransport(Transport):
             sock.settimeout(max(deadline - time.monotonic(), 0.01))
             chunk = sock.recv(256)
             if not chunk:
-                raise OSError("vsock proxy closed the connection (is the agent listening on port "
-                              f"{self.vsock_port}?)")
+                raise OSError(
+                    f"vsock proxy closed the connection (is the agent listening on port {self.vsock_port}?)"
+                )
             buf += chunk
         line, rest = buf.split(b"\n", 1)
         if not line.startswith(b"OK "):
@@ -341,7 +331,9 @@ class AgentTransport(Transport):
             conn.reader.join(timeout=5)
 
     # -- commands -------------------------------------------------------------------------
-    def _start(self, req: ExecRequest, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None):
+    def _start(
+        self, req: ExecRequest, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None
+    ) -> tuple[Conn, int, ExecStream, float]:
         argv = [self.shell_path, *req.argv[1:]]
         env = [f"{k}={v}" for k, v in req.env.items()]
         for k in req.env:
@@ -351,12 +343,14 @@ class AgentTransport(Transport):
         flags = EXEC_STDIN if req.stdin is not None else 0
         parts = [struct.pack("<IIHH", min(timeout_ms, 0xFFFFFFFF), flags, len(argv), len(env))]
         fields = [(req.cwd or "", "cwd"), *((a, "command") for a in argv), *((e, "env") for e in env)]
-        parts += [_enc(text, what) + b"\0" for text, what in fields]
+        parts += [encode_fields(text, what) + b"\0" for text, what in fields]
         payload = b"".join(parts)
         if len(payload) > MAX_PAYLOAD or len(env) > 4096:
-            raise ValidationError(f"command, cwd and env together exceed {MAX_PAYLOAD} bytes", field="command")
+            raise ValidationError(
+                f"command, cwd and env together exceed {MAX_PAYLOAD} bytes", field="command"
+            )
         conn = self._get_conn()
-        stream = _ExecStream(on_stdout, on_stderr)
+        stream = ExecStream(on_stdout, on_stderr)
         sid = conn.open_stream(stream)
         start = time.monotonic()
         conn.send(OP_EXEC, sid, payload)
@@ -409,17 +403,23 @@ class AgentTransport(Transport):
         conn, sid, stream, start = self._start(req, on_stdout, on_stderr)
         if not stream.started.wait(self.op_timeout):
             conn.drop_stream(sid)
-            raise OperationTimeoutError(f"guest agent did not start the command within {self.op_timeout:g} s", self.op_timeout)
+            raise OperationTimeoutError(
+                f"guest agent did not start the command within {self.op_timeout:g} s", self.op_timeout
+            )
         if stream.error is not None and stream.pid is None:
             raise stream.error
         return AgentProcessHandle(conn, sid, stream, req, start)
 
     # -- files ----------------------------------------------------------------------------
-    def _write(self, path: str, chunks: Iterable[bytes], mode: int, *, fsync: bool, make_parents: bool) -> None:
-        payload = struct.pack("<II", mode & 0o7777, (WF_FSYNC if fsync else 0) | (WF_MKDIRS if make_parents else 0))
-        payload += _enc(path, "path")
+    def _write(
+        self, path: str, chunks: Iterable[bytes | memoryview], mode: int, *, fsync: bool, make_parents: bool
+    ) -> None:
+        payload = struct.pack(
+            "<II", mode & 0o7777, (WF_FSYNC if fsync else 0) | (WF_MKDIRS if make_parents else 0)
+        )
+        payload += encode_fields(path, "path")
         conn = self._get_conn()
-        stream = _Stream()
+        stream = Stream()
         sid = conn.open_stream(stream)
         try:
             conn.send(OP_WRITE_FILE, sid, payload)
@@ -437,12 +437,12 @@ class AgentTransport(Transport):
                 _abandon(conn, sid)  # the agent deletes the partial temporary file
             raise
 
-    def _read(self, path: str, sink: Callable[[bytes], None]) -> int:
+    def _read(self, path: str, sink: Callable[[bytes], object]) -> int:
         conn = self._get_conn()
-        stream = _ReadStream(sink, path)
+        stream = ReadStream(sink, path)
         sid = conn.open_stream(stream)
         try:
-            conn.send(OP_READ_FILE, sid, _enc(path, "path"))
+            conn.send(OP_READ_FILE, sid, encode_fields(path, "path"))
             stream.wait(self.op_timeout, f"read {path}")
         except BaseException:
             if stream.done.is_set():
@@ -452,7 +452,9 @@ class AgentTransport(Transport):
             raise
         return stream.mode
 
-    def write_file(self, path: str, data: bytes, mode: int = 0o644, *, fsync: bool = False, make_parents: bool = False) -> None:
+    def write_file(
+        self, path: str, data: bytes, mode: int = 0o644, *, fsync: bool = False, make_parents: bool = False
+    ) -> None:
         """Write ``data`` to guest ``path`` atomically (temporary file + rename) with ``mode``."""
         self._write(path, [memoryview(data)], mode, fsync=fsync, make_parents=make_parents)
 
@@ -487,7 +489,7 @@ class AgentTransport(Transport):
     # -- control --------------------------------------------------------------------------
     def _call(self, op: int, payload: bytes, what: str, timeout: float | None = None) -> bytes:
         conn = self._get_conn()
-        stream = _Stream()
+        stream = Stream()
         sid = conn.open_stream(stream)
         try:
             conn.send(op, sid, payload)
@@ -514,7 +516,7 @@ class AgentTransport(Transport):
 
     def set_hostname(self, name: str) -> None:
         """Set the guest's kernel hostname (1-64 bytes)."""
-        self._call(OP_SET_HOSTNAME, _enc(name, "hostname"), "set hostname")
+        self._call(OP_SET_HOSTNAME, encode_fields(name, "hostname"), "set hostname")
 
     def shutdown(self) -> None:
         """Ask the agent to power the guest off (it kills all processes and syncs first)."""

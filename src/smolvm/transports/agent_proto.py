@@ -14,7 +14,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from smolvm.exceptions import OperationTimeoutError, SmolVMError, TransportError, ValidationError
+from smolvm.exceptions import (
+    AgentError,
+    GuestFileNotFoundError,
+    OperationTimeoutError,
+    SmolVMError,
+    TransportError,
+    ValidationError,
+)
 from smolvm.transports.base import OutputCallback
 
 log = logging.getLogger("smolvm.transports.agent")
@@ -39,19 +46,6 @@ EXEC_STDIN, EXEC_ENV_REPLACE = 0x01, 0x02
 WF_FSYNC, WF_MKDIRS = 0x01, 0x02
 XF_TIMED_OUT = 0x01
 
-class AgentError(TransportError):
-    """The agent refused or failed an operation (``errno`` is the guest's errno, or 0)."""
-
-    def __init__(self, message: str, err: int = 0, details: dict | None = None) -> None:
-        d = dict(details or {})
-        d.setdefault("errno", err)
-        super().__init__(message, d)
-        self.errno = err
-
-
-class GuestFileNotFoundError(AgentError, FileNotFoundError):
-    """A guest path does not exist (also catchable as ``FileNotFoundError``)."""
-
 
 def _agent_error(payload: bytes, what: str) -> AgentError:
     err = struct.unpack_from("<I", payload)[0] if len(payload) >= 4 else 0
@@ -60,14 +54,14 @@ def _agent_error(payload: bytes, what: str) -> AgentError:
     return cls(f"{what}: {text}" if what else text, err)
 
 
-def _enc(s: str, what: str) -> bytes:
+def encode_fields(s: str, what: str) -> bytes:
     b = s.encode("utf-8", "surrogateescape")
     if b"\0" in b:
         raise ValidationError(f"{what} contains a NUL byte", field=what)
     return b
 
 
-class _Stream:
+class Stream:
     """State of one request; frames arrive on the reader thread."""
 
     def __init__(self) -> None:
@@ -92,12 +86,14 @@ class _Stream:
         """Wait until done; time out after ``idle_timeout`` seconds without any frame."""
         while not self.done.wait(min(idle_timeout, 0.5)):
             if time.monotonic() - self.activity > idle_timeout:
-                raise OperationTimeoutError(f"{what}: no answer from the guest agent within {idle_timeout:g} s", idle_timeout)
+                raise OperationTimeoutError(
+                    f"{what}: no answer from the guest agent within {idle_timeout:g} s", idle_timeout
+                )
         if self.error is not None:
             raise self.error
 
 
-class _ExecStream(_Stream):
+class ExecStream(Stream):
     def __init__(self, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None) -> None:
         super().__init__()
         self.started = threading.Event()
@@ -141,8 +137,8 @@ class _ExecStream(_Stream):
         self.started.set()
 
 
-class _ReadStream(_Stream):
-    def __init__(self, sink: Callable[[bytes], None], path: str) -> None:
+class ReadStream(Stream):
+    def __init__(self, sink: Callable[[bytes], object], path: str) -> None:
         super().__init__()
         self.sink, self.path, self.mode = sink, path, 0o644
 
@@ -162,20 +158,22 @@ class _ReadStream(_Stream):
         return True
 
 
-class _Conn:
+class Conn:
     """One connected, HELLO'd socket plus its reader thread."""
 
     def __init__(self, sock: socket.socket, pending: bytes) -> None:
         self.sock = sock
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, Stream] = {}
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.next_sid = 1
         self.dead: SmolVMError | None = None
-        self.reader = threading.Thread(target=self._read_loop, args=(pending,), name="smolvm-agent-reader", daemon=True)
+        self.reader = threading.Thread(
+            target=self._read_loop, args=(pending,), name="smolvm-agent-reader", daemon=True
+        )
         self.reader.start()
 
-    def open_stream(self, stream: _Stream) -> int:
+    def open_stream(self, stream: Stream) -> int:
         with self.lock:
             if self.dead is not None:
                 raise TransportError(self.dead.message)
@@ -276,7 +274,9 @@ def handshake(sock: socket.socket, deadline: float, buf: bytes) -> bytes:
         if retry_at and now >= retry_at:
             # The agent may be inside a frame of a host that died; only the newest nonce counts.
             nonce = os.urandom(8)
-            hello = SYNC_MAGIC + HDR.pack(b"SV", OP_HELLO, 0, 0, 12) + struct.pack("<I", PROTO_VERSION) + nonce
+            hello = (
+                SYNC_MAGIC + HDR.pack(b"SV", OP_HELLO, 0, 0, 12) + struct.pack("<I", PROTO_VERSION) + nonce
+            )
             sock.settimeout(max(deadline - now, 0.01))
             sock.sendall(bytes(_PADDING) + hello)
             retry_at = 0.0
@@ -284,7 +284,7 @@ def handshake(sock: socket.socket, deadline: float, buf: bytes) -> bytes:
         sock.settimeout(max(wake - time.monotonic(), 0.01))
         try:
             chunk = sock.recv(65536)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             continue
         if not chunk:
             raise OSError("the agent socket closed during the handshake")

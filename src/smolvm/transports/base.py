@@ -84,6 +84,9 @@ class Transport(abc.ABC):
     """A channel to the guest. Implementations: ``AgentTransport``, ``SSHTransport``."""
 
     name: str = "abstract"
+    #: Connections made to the guest so far (a reused channel keeps this at 1; each
+    #: reconnect adds one).
+    connects: int = 0
 
     @abc.abstractmethod
     def exec(

@@ -7,6 +7,7 @@ whole process tree can be killed from a second channel.
 
 from __future__ import annotations
 
+import base64
 import select
 import shlex
 import threading
@@ -41,9 +42,19 @@ _KILL_TREE = (
 class SSHTransport(Transport):
     name = "ssh"
 
-    def __init__(self, host: str, port: int, *, user: str = "root", key_path: Path,
-                 host_key_alias: str, host_public_key: str, vm_id: str | None = None,
-                 connect_timeout: float = 10.0, shell_path: str = GUEST_SHELL) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        user: str = "root",
+        key_path: Path,
+        host_key_alias: str,
+        host_public_key: str,
+        vm_id: str | None = None,
+        connect_timeout: float = 10.0,
+        shell_path: str = GUEST_SHELL,
+    ) -> None:
         self.host, self.port, self.user = host, port, user
         self.key_path = Path(key_path)
         self.vm_id = vm_id
@@ -64,9 +75,15 @@ class SSHTransport(Transport):
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
             client.connect(
-                self.host, self.port, username=self.user, key_filename=str(self.key_path),
-                look_for_keys=False, allow_agent=False, timeout=self.connect_timeout,
-                banner_timeout=self.connect_timeout, auth_timeout=self.connect_timeout,
+                self.host,
+                self.port,
+                username=self.user,
+                key_filename=str(self.key_path),
+                look_for_keys=False,
+                allow_agent=False,
+                timeout=self.connect_timeout,
+                banner_timeout=self.connect_timeout,
+                auth_timeout=self.connect_timeout,
             )
         except paramiko.BadHostKeyException as exc:
             client.close()
@@ -102,6 +119,7 @@ class SSHTransport(Transport):
                 if self._client is not None:
                     self._client.close()
                 self._client = self._connect()
+                self.connects += 1
             return self._client
 
     def _open_channel(self) -> paramiko.Channel:
@@ -134,8 +152,7 @@ class SSHTransport(Transport):
             except (CommandExecutionUnavailableError, TransportError) as exc:
                 last = exc
                 time.sleep(0.2)
-        raise OperationTimeoutError(
-            f"SSH on VM {self.vm_id} not ready after {timeout} s: {last}", timeout)
+        raise OperationTimeoutError(f"SSH on VM {self.vm_id} not ready after {timeout} s: {last}", timeout)
 
     def close(self) -> None:
         self._drop()
@@ -174,8 +191,13 @@ class SSHTransport(Transport):
         except (TransportError, paramiko.SSHException, OSError):
             pass
 
-    def exec(self, req: ExecRequest, *, on_stdout: OutputCallback | None = None,
-             on_stderr: OutputCallback | None = None) -> CommandResult:
+    def exec(
+        self,
+        req: ExecRequest,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandResult:
         t0 = time.monotonic()
         chan, tag = self._start(req)
         out, err = bytearray(), bytearray()
@@ -187,17 +209,25 @@ class SSHTransport(Transport):
             chan.close()
             raise OperationTimeoutError(
                 f"command timed out after {req.timeout} s and was killed: {req.command[:200]!r}",
-                req.timeout, {"vm_id": self.vm_id, "stdout": bytes(out[-4096:]).decode("utf-8", "replace")},
+                req.timeout,
+                {"vm_id": self.vm_id, "stdout": bytes(out[-4096:]).decode("utf-8", "replace")},
             ) from None
         except (OSError, paramiko.SSHException, EOFError) as exc:
             self._drop()
-            raise TransportError(f"SSH connection to VM {self.vm_id} dropped during a command: {exc}") from exc
+            raise TransportError(
+                f"SSH connection to VM {self.vm_id} dropped during a command: {exc}"
+            ) from exc
         code = chan.recv_exit_status()
         chan.close()
         return CommandResult.from_bytes(code, bytes(out), bytes(err), time.monotonic() - t0)
 
-    def spawn(self, req: ExecRequest, *, on_stdout: OutputCallback | None = None,
-              on_stderr: OutputCallback | None = None) -> ProcessHandle:
+    def spawn(
+        self,
+        req: ExecRequest,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ProcessHandle:
         chan, tag = self._start(req)
         return SSHProcessHandle(self, chan, tag, on_stdout, on_stderr)
 
@@ -230,14 +260,18 @@ class SSHTransport(Transport):
 
 
 def _split_pub(line: str) -> tuple[str, bytes]:
-    import base64
-
     kind, b64 = line.split()[:2]
     return kind, base64.b64decode(b64)
 
 
-def _pump(chan: paramiko.Channel, out: bytearray, err: bytearray, on_out: OutputCallback | None,
-          on_err: OutputCallback | None, deadline: float | None) -> None:
+def _pump(
+    chan: paramiko.Channel,
+    out: bytearray,
+    err: bytearray,
+    on_out: OutputCallback | None,
+    on_err: OutputCallback | None,
+    deadline: float | None,
+) -> None:
     """Read stdout/stderr until both close; raise TimeoutError at ``deadline``."""
     while True:
         got = False
@@ -271,8 +305,14 @@ def _pump(chan: paramiko.Channel, out: bytearray, err: bytearray, on_out: Output
 class SSHProcessHandle(ProcessHandle):
     """Background command over SSH; a reader thread collects output as it arrives."""
 
-    def __init__(self, tr: SSHTransport, chan: paramiko.Channel, tag: str,
-                 on_out: OutputCallback | None, on_err: OutputCallback | None) -> None:
+    def __init__(
+        self,
+        tr: SSHTransport,
+        chan: paramiko.Channel,
+        tag: str,
+        on_out: OutputCallback | None,
+        on_err: OutputCallback | None,
+    ) -> None:
         self._tr, self._chan, self._tag = tr, chan, tag
         self._out, self._err = bytearray(), bytearray()
         self._t0 = time.monotonic()
@@ -297,8 +337,9 @@ class SSHProcessHandle(ProcessHandle):
         if self._error is not None:
             raise TransportError(f"background command failed: {self._error}") from self._error
         self._chan.close()
-        return CommandResult.from_bytes(self._code, bytes(self._out), bytes(self._err),
-                                        time.monotonic() - self._t0)
+        return CommandResult.from_bytes(
+            self._code, bytes(self._out), bytes(self._err), time.monotonic() - self._t0
+        )
 
     def kill(self, signal: int = 9) -> None:
         self._tr._kill(self._tag, signal)

@@ -9,16 +9,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from smolvm.callbacks import Callback, RunContext
+from smolvm import pools, snapshots
+from smolvm.callbacks import Callback, RunContext, run_pre_hooks, run_with_callbacks
 from smolvm.exceptions import (
+    BackendError,
     CommandExecutionUnavailableError,
-    OperationTimeoutError,
     SmolVMError,
     SnapshotError,
     ValidationError,
 )
-from smolvm.hooks import run_pre_hooks, run_with_callbacks
-from smolvm.images.builder import artifacts_for_kernel
+from smolvm.runtime import BOOT_TIMEOUT, STOP_TIMEOUT
+from smolvm.runtime.identity import env_file_text, parse_env_file
+from smolvm.snapshots import SnapshotInfo
 from smolvm.transports.base import (
     GUEST_ENV_FILE,
     ExecRequest,
@@ -27,10 +29,9 @@ from smolvm.transports.base import (
     Transport,
 )
 from smolvm.types import CommandResult, VMConfig, VMInfo, VMState, validate_env_key
-from smolvm.vm import SmolVMManager
-from smolvm.vmhost import env_file_text, parse_env_file
+from smolvm.vm import SmolVMManager, snapshot_name
 
-log = logging.getLogger("smolvm")
+log = logging.getLogger(__name__)
 
 
 class SmolVM:
@@ -50,21 +51,34 @@ class SmolVM:
     ``SmolVM.from_snapshot(name)`` restores one of your snapshots (:meth:`snapshot`).
     """
 
-    def __init__(self, config: VMConfig | None = None, *, mem_size_mib: int | None = None,
-                 disk_size_mib: int | None = None, vcpu_count: int | None = None,
-                 callbacks: list[Callback] | None = None, env_vars: dict[str, str] | None = None,
-                 data_dir: Path | None = None, socket_dir: Path | None = None,
-                 backend: str | None = None, comm_channel: str | None = None,
-                 manager: SmolVMManager | None = None, pool: Any = None, cold_boot: bool = False,
-                 _vm_id: str | None = None) -> None:
+    def __init__(
+        self,
+        config: VMConfig | None = None,
+        *,
+        mem_size_mib: int | None = None,
+        disk_size_mib: int | None = None,
+        vcpu_count: int | None = None,
+        callbacks: list[Callback] | None = None,
+        env_vars: dict[str, str] | None = None,
+        data_dir: Path | None = None,
+        socket_dir: Path | None = None,
+        backend: str | None = None,
+        comm_channel: str | None = None,
+        manager: SmolVMManager | None = None,
+        pool: pools.WarmPool | None = None,
+        cold_boot: bool = False,
+        _vm_id: str | None = None,
+    ) -> None:
         self._callbacks: list[Callback] = []
         for cb in callbacks or []:
             self.add_callback(cb)
+        self._own_manager = manager is None
         if manager is None and pool is not None and data_dir is None and socket_dir is None:
-            manager = pool.manager  # shared: hand-out stays in one process-local manager
-            self._own_manager = False
-        else:
-            self._own_manager = manager is None
+            # The pool's open state store is shared: a hand-out opens no database.
+            rt = pool.runtime
+            manager = SmolVMManager(
+                data_dir=rt.data_dir, socket_dir=rt.socket_dir, backend=backend, state=rt.state
+            )
         self._manager = manager or SmolVMManager(data_dir=data_dir, socket_dir=socket_dir, backend=backend)
         self._transport: Transport | None = None
         self._tlock = threading.Lock()
@@ -73,9 +87,17 @@ class SmolVM:
             self._owned = False
             self._info = self._manager.get(_vm_id)
             return
-        overrides = {k: v for k, v in {
-            "mem_size_mib": mem_size_mib, "disk_size_mib": disk_size_mib, "vcpu_count": vcpu_count,
-            "env_vars": env_vars, "comm_channel": comm_channel}.items() if v is not None}
+        overrides: dict[str, Any] = {
+            k: v
+            for k, v in {
+                "mem_size_mib": mem_size_mib,
+                "disk_size_mib": disk_size_mib,
+                "vcpu_count": vcpu_count,
+                "env_vars": env_vars,
+                "comm_channel": comm_channel,
+            }.items()
+            if v is not None
+        }
         if config is None:
             config = VMConfig(**overrides)
         elif not isinstance(config, VMConfig):
@@ -86,21 +108,19 @@ class SmolVM:
         self._owned = True
         self._info = self._create(config, pool, cold_boot)
 
-    def _create(self, config: VMConfig, pool: Any, cold_boot: bool) -> VMInfo:
+    def _create(self, config: VMConfig, pool: pools.WarmPool | None, cold_boot: bool) -> VMInfo:
         """A warm-pool VM, else a clone of the image's boot snapshot, else a cold-boot VM."""
-        from smolvm import image_snapshots, snapshots
-        from smolvm import pool as pools
-
         mgr = self._manager
         if not cold_boot:
             p = pool if pool is not None else pools.default_pool(mgr.data_dir, mgr.socket_dir)
-            use_pool = p is not None and p.matches(config)
-            if use_pool:
+            if p is not None and not p.matches(config):
+                p = None
+            if p is not None:
                 info = p.acquire(mgr, env_vars=config.env_vars or None)
                 if info is not None:
                     return info
-            ref = image_snapshots.default_snapshot_for(mgr, mgr._resolve_image(config))
-            if ref is None and use_pool and p.source:
+            ref = snapshots.default_snapshot_for(mgr, mgr.resolve_image(config))
+            if ref is None and p is not None:
                 try:  # the pool is empty: restore from its snapshot directly
                     ref = snapshots.get_snapshot(mgr, p.source).name
                 except SmolVMError:
@@ -108,9 +128,14 @@ class SmolVM:
             if ref is not None:
                 try:
                     return snapshots.create_clone(
-                        mgr, ref, vm_id=config.vm_id, env_vars=config.env_vars,
-                        port_forwards=config.port_forwards, comm_channel=config.comm_channel,
-                        retain_disk_on_delete=config.retain_disk_on_delete)
+                        mgr,
+                        ref,
+                        vm_id=config.vm_id,
+                        env_vars=config.env_vars,
+                        port_forwards=config.port_forwards,
+                        comm_channel=config.comm_channel,
+                        retain_disk_on_delete=config.retain_disk_on_delete,
+                    )
                 except SnapshotError as exc:  # stale or damaged: a cold boot still works
                     log.warning("cannot restore %s (%s); cold boot instead", ref, exc)
         return mgr.create(config)
@@ -126,18 +151,31 @@ class SmolVM:
         return vm
 
     @classmethod
-    def from_snapshot(cls, name: str, *, vm_id: str | None = None, env_vars: dict[str, str] | None = None,
-                      port_forwards: dict[int, int] | None = None, comm_channel: str | None = None,
-                      callbacks: list[Callback] | None = None, data_dir: Path | None = None,
-                      socket_dir: Path | None = None, manager: SmolVMManager | None = None) -> SmolVM:
+    def from_snapshot(
+        cls,
+        name: str,
+        *,
+        vm_id: str | None = None,
+        env_vars: dict[str, str] | None = None,
+        port_forwards: dict[int, int] | None = None,
+        comm_channel: str | None = None,
+        callbacks: list[Callback] | None = None,
+        data_dir: Path | None = None,
+        socket_dir: Path | None = None,
+        manager: SmolVMManager | None = None,
+    ) -> SmolVM:
         """A new sandbox restored from snapshot ``name`` on :meth:`start` / ``with`` entry
         (its own disk overlay, ports and identity; deleted on ``with`` exit)."""
-        from smolvm.snapshots import create_clone
-
         mgr = manager or SmolVMManager(data_dir=data_dir, socket_dir=socket_dir)
         try:
-            info = create_clone(mgr, name, vm_id=vm_id, env_vars=env_vars, port_forwards=port_forwards,
-                                comm_channel=comm_channel)
+            info = snapshots.create_clone(
+                mgr,
+                name,
+                vm_id=vm_id,
+                env_vars=env_vars,
+                port_forwards=port_forwards,
+                comm_channel=comm_channel,
+            )
         except BaseException:
             if manager is None:
                 mgr.close()
@@ -185,7 +223,7 @@ class SmolVM:
         return self
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, boot_timeout: float = 30.0) -> SmolVM:
+    def start(self, boot_timeout: float = BOOT_TIMEOUT) -> SmolVM:
         """Boot the VM and wait up to ``boot_timeout`` seconds until it is ready; returns self."""
         try:
             self._info = self._manager.start(self.vm_id, boot_timeout=boot_timeout, keep_channel=True)
@@ -195,19 +233,16 @@ class SmolVM:
                 raise
             # Cold-boot this sandbox instead. QEMU refusing the state or missing files mean
             # the boot snapshot is broken: drop it (retried later). A timeout may be load.
-            from smolvm import image_snapshots
-            from smolvm.exceptions import BackendError
-
             log.warning("restoring %s failed (%s); cold boot instead", ref, exc)
             if isinstance(exc, (BackendError, SnapshotError)):
-                image_snapshots.discard_image_snapshot(self._manager, ref, str(exc))
+                snapshots.discard_image_snapshot(self._manager, ref, str(exc))
             config = self._info.config
             self._manager.delete(self.vm_id)
             self._info = self._manager.create(VMConfig(**config.model_dump()))
             self._info = self._manager.start(self.vm_id, boot_timeout=boot_timeout)
         return self
 
-    def stop(self, timeout: float = 3.0) -> SmolVM:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> SmolVM:
         """Shut down cleanly, killing the VM after ``timeout`` seconds."""
         self._close_transport()
         self._info = self._manager.stop(self.vm_id, timeout=timeout)
@@ -237,15 +272,14 @@ class SmolVM:
         self._info = self._manager.resume(self.vm_id, transport=self._transport)
         return self
 
-    def snapshot(self, name: str, *, resume: bool = True) -> Any:
-        """Save memory, devices and disk as snapshot ``name`` (a :class:`SnapshotInfo`).
+    def snapshot(self, name: str | None = None, *, resume: bool = True) -> SnapshotInfo:
+        """Save memory, devices and disk as snapshot ``name`` (generated when None).
 
-        Restore clones with ``SmolVM.from_snapshot(name)``. The VM pauses for ~0.1-0.3 s
-        and then continues (``resume=False`` leaves it paused)."""
-        from smolvm.snapshots import create_snapshot
-
-        info = create_snapshot(self._manager, self.vm_id, name, resume=resume,
-                               transport=self._transport)  # type: ignore[arg-type]
+        Restore clones with ``SmolVM.from_snapshot(info.snapshot_id)``. The VM pauses for
+        ~0.1-0.3 s and then continues (``resume=False`` leaves it paused)."""
+        info = snapshots.create_snapshot(
+            self._manager, self.vm_id, name or snapshot_name(), resume=resume, transport=self._transport
+        )
         self.refresh()
         return info
 
@@ -268,7 +302,7 @@ class SmolVM:
                 # time — unless the disk is kept.
                 self._close_transport()
                 if self._info.config.retain_disk_on_delete and self.refresh().status is VMState.RUNNING:
-                    self._manager.stop(self.vm_id, timeout=3.0)
+                    self._manager.stop(self.vm_id)
                 self._manager.delete(self.vm_id)
             elif self.refresh().status in (VMState.RUNNING, VMState.PAUSED):
                 self.stop()
@@ -277,9 +311,7 @@ class SmolVM:
 
     # ------------------------------------------------------------------ channel
     def _has_agent(self) -> bool:
-        kp = self._info.config.kernel_path
-        art = artifacts_for_kernel(kp) if kp else None
-        return bool(art and art.has_agent)
+        return self._manager.has_agent(self._info.config)
 
     def _channel(self) -> Transport:
         with self._tlock:
@@ -289,7 +321,9 @@ class SmolVM:
             if info.status is not VMState.RUNNING:
                 raise CommandExecutionUnavailableError(
                     f"VM {self.vm_id} is {info.status.value}, not running",
-                    "start it first: vm.start() (or use `with SmolVM(...) as vm:`)", self.vm_id)
+                    "start it first: vm.start() (or use `with SmolVM(...) as vm:`)",
+                    self.vm_id,
+                )
             self._transport = self._manager.transport(self.vm_id, self._choose_channel(info))
             return self._transport
 
@@ -324,9 +358,18 @@ class SmolVM:
         self._manager.transport(self.vm_id, "ssh").wait_ready(timeout)
 
     # ------------------------------------------------------------------ commands
-    def run(self, command: str, timeout: int = 30, shell: str = "login", *,
-            env: dict[str, str] | None = None, cwd: str | None = None, stdin: bytes | None = None,
-            on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None) -> CommandResult:
+    def run(
+        self,
+        command: str,
+        timeout: float | None = 30,
+        shell: str = "login",
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> CommandResult:
         """Run ``command`` in the guest and wait for it.
 
         Args:
@@ -339,12 +382,19 @@ class SmolVM:
         req = self._request(command, timeout, shell, env, cwd, stdin)
         ctx = RunContext(vm_id=self.vm_id, command=command, shell=shell, timeout=timeout)
         return run_with_callbacks(
-            self._callbacks, ctx,
-            lambda: self._channel().exec(req, on_stdout=on_stdout, on_stderr=on_stderr))
+            self._callbacks, ctx, lambda: self._channel().exec(req, on_stdout=on_stdout, on_stderr=on_stderr)
+        )
 
-    def spawn(self, command: str, shell: str = "login", *, env: dict[str, str] | None = None,
-              cwd: str | None = None, on_stdout: OutputCallback | None = None,
-              on_stderr: OutputCallback | None = None) -> ProcessHandle:
+    def spawn(
+        self,
+        command: str,
+        shell: str = "login",
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ProcessHandle:
         """Start ``command`` in the background; returns a handle (wait/kill/stdout/stderr).
 
         Pre-run callbacks can veto it like :meth:`run`."""
@@ -354,8 +404,14 @@ class SmolVM:
         return self._channel().spawn(req, on_stdout=on_stdout, on_stderr=on_stderr)
 
     @staticmethod
-    def _request(command: str, timeout: float | None, shell: str, env: dict[str, str] | None,
-                 cwd: str | None, stdin: bytes | None) -> ExecRequest:
+    def _request(
+        command: str,
+        timeout: float | None,
+        shell: str,
+        env: dict[str, str] | None,
+        cwd: str | None,
+        stdin: bytes | None,
+    ) -> ExecRequest:
         if not isinstance(command, str) or not command.strip():
             raise ValidationError("command must be a non-empty string", field="command")
         if shell not in ("login", "raw"):
@@ -369,7 +425,9 @@ class SmolVM:
                 raise ValidationError(str(exc), field="env") from None
         return ExecRequest(command, shell, timeout, dict(env or {}), cwd, stdin)  # type: ignore[arg-type]
 
-    async def arun(self, command: str, timeout: int = 30, shell: str = "login", **kw: Any) -> CommandResult:
+    async def arun(
+        self, command: str, timeout: float | None = 30, shell: str = "login", **kw: Any
+    ) -> CommandResult:
         """``run`` for asyncio code: the same core, on a worker thread."""
         return await asyncio.to_thread(self.run, command, timeout, shell, **kw)
 
@@ -402,8 +460,13 @@ class SmolVM:
 
     def _write_env(self, env: dict[str, str]) -> None:
         text = env_file_text(env)
-        req = ExecRequest(f"cat > {GUEST_ENV_FILE}.tmp && chmod 644 {GUEST_ENV_FILE}.tmp && "
-                          f"mv {GUEST_ENV_FILE}.tmp {GUEST_ENV_FILE}", "raw", 30, stdin=text.encode())
+        req = ExecRequest(
+            f"cat > {GUEST_ENV_FILE}.tmp && chmod 644 {GUEST_ENV_FILE}.tmp && "
+            f"mv {GUEST_ENV_FILE}.tmp {GUEST_ENV_FILE}",
+            "raw",
+            30,
+            stdin=text.encode(),
+        )
         res = self._channel().exec(req)
         if not res.ok:
             raise SmolVMError(f"writing {GUEST_ENV_FILE} failed: {res.stderr.strip()}")
@@ -422,16 +485,20 @@ class SmolVM:
         self._channel().download(guest_path, Path(local_path).expanduser())
 
     # ------------------------------------------------------------------ SSH strings
-    def ssh_commands(self, ssh_user: str = "root", key_path: str | Path | None = None,
-                     public_host: str | None = None) -> dict[str, str]:
+    def ssh_commands(
+        self, ssh_user: str = "root", key_path: str | Path | None = None, public_host: str | None = None
+    ) -> dict[str, str]:
         """Shell-ready "ssh", "scp_to_guest" and "scp_from_guest" commands (host key pinned)."""
-        cmds = self._manager.get_ssh_commands(self.vm_id, ssh_user=ssh_user, key_path=key_path,
-                                              public_host=public_host)
+        cmds = self._manager.get_ssh_commands(
+            self.vm_id, ssh_user=ssh_user, key_path=key_path, public_host=public_host
+        )
         ssh = cmds.get("localhost_port") or cmds.get("private_ip")
         if ssh is None:
             raise CommandExecutionUnavailableError(
                 f"VM {self.vm_id} has no SSH endpoint (network={self._info.config.network})",
-                "create it with network='user' or 'tap'", self.vm_id)
+                "create it with network='user' or 'tap'",
+                self.vm_id,
+            )
         argv = shlex.split(ssh)
         target = argv[-1]
         opts = argv[1:-1]
@@ -446,4 +513,4 @@ class SmolVM:
         return f"SmolVM(vm_id={self.vm_id!r}, status={self._info.status.value})"
 
 
-__all__ = ["SmolVM", "OperationTimeoutError"]
+__all__ = ["SmolVM"]

@@ -12,7 +12,28 @@ import re
 
 _SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "hush", "rbash", "lksh", "posh", "yash"}
 _WRAPPER_OPTS: dict[str, set[str]] = {
-    "sudo": {"-u", "-g", "-h", "-p", "-C", "-r", "-t", "-U", "-T", "-D", "--user", "--group", "--host", "--prompt", "--close-from", "--role", "--type", "--other-user", "--command-timeout", "--chdir"},
+    "sudo": {
+        "-u",
+        "-g",
+        "-h",
+        "-p",
+        "-C",
+        "-r",
+        "-t",
+        "-U",
+        "-T",
+        "-D",
+        "--user",
+        "--group",
+        "--host",
+        "--prompt",
+        "--close-from",
+        "--role",
+        "--type",
+        "--other-user",
+        "--command-timeout",
+        "--chdir",
+    },
     "doas": {"-u", "-C"},
     "nice": {"-n", "--adjustment"},
     "ionice": {"-c", "-n", "-p", "-P", "-u", "--class", "--classdata"},
@@ -41,7 +62,9 @@ _WRAPPER_OPTS: dict[str, set[str]] = {
 
 
 class _Unwrapped:
-    def __init__(self, argv: list[str] | None = None, script: str | None = None, stdin_shell: bool = False) -> None:
+    def __init__(
+        self, argv: list[str] | None = None, script: str | None = None, stdin_shell: bool = False
+    ) -> None:
         self.argv = argv
         self.script = script
         self.stdin_shell = stdin_shell
@@ -76,7 +99,7 @@ def _shell_script_arg(args: list[str]) -> _Unwrapped | None:
     return None  # runs a script file
 
 
-def _unwrap(argv: list[str]) -> _Unwrapped | None:
+def unwrap(argv: list[str]) -> _Unwrapped | None:
     """If ``argv`` runs another command, what it runs."""
     if not argv:
         return None
@@ -98,7 +121,13 @@ def _unwrap(argv: list[str]) -> _Unwrapped | None:
     if prog == "watch":
         i = 0
         while i < len(args) and args[i].startswith("-"):
-            i += 2 if args[i] in ("-n", "--interval", "-d", "-q", "--equexit") and "=" not in args[i] and args[i] not in ("-d",) else 1
+            i += (
+                2
+                if args[i] in ("-n", "--interval", "-d", "-q", "--equexit")
+                and "=" not in args[i]
+                and args[i] not in ("-d",)
+                else 1
+            )
         return _Unwrapped(script=" ".join(args[i:])) if args[i:] else None
     if prog == "env":
         i = 0
@@ -110,7 +139,9 @@ def _unwrap(argv: list[str]) -> _Unwrapped | None:
             if a in ("-S", "--split-string"):
                 return _Unwrapped(script=" ".join(args[i + 1 :]))
             if a.startswith(("--split-string=", "-S")) and a not in ("-S",):
-                return _Unwrapped(script=a.split("=", 1)[1] if a.startswith("--") else a[2:] + " " + " ".join(args[i + 1 :]))
+                return _Unwrapped(
+                    script=a.split("=", 1)[1] if a.startswith("--") else a[2:] + " " + " ".join(args[i + 1 :])
+                )
             if a.startswith("-") or re.match(r"^[A-Za-z_]\w*=", a):
                 i += 1
                 continue
@@ -123,7 +154,23 @@ def _unwrap(argv: list[str]) -> _Unwrapped | None:
         return _Unwrapped(argv=args[i + 1 :]) if len(args) > i + 1 else None
     if prog == "xargs":
         i = 0
-        with_val = {"-a", "-d", "-E", "-I", "-L", "-n", "-P", "-s", "--arg-file", "--delimiter", "--max-lines", "--max-args", "--max-procs", "--max-chars", "--process-slot-var"}
+        with_val = {
+            "-a",
+            "-d",
+            "-E",
+            "-I",
+            "-L",
+            "-n",
+            "-P",
+            "-s",
+            "--arg-file",
+            "--delimiter",
+            "--max-lines",
+            "--max-args",
+            "--max-procs",
+            "--max-chars",
+            "--process-slot-var",
+        }
         while i < len(args) and args[i].startswith("-"):
             a = args[i]
             i += 2 if a in with_val else 1

@@ -210,10 +210,10 @@ def _rewrite_arithmetic(s: str) -> str:
                 return s
             s = s[:i] + _subs_replacement(s[i + 2 : j]) + s[j + 1 :]
             continue
-        j = _match_paren(s, i + 1, levels)
-        if j is None:
+        end = _match_paren(s, i + 1, levels)
+        if end is None:
             return s
-        s = s[:i] + _subs_replacement(s[i + 3 : j - 1]) + s[j + 1 :]
+        s = s[:i] + _subs_replacement(s[i + 3 : end - 1]) + s[end + 1 :]
     return s
 
 
@@ -362,7 +362,14 @@ def unquote_heredoc_delimiters(s: str) -> tuple[str, set[str]]:
 
 def rewrite_unsupported(s: str) -> str:
     """Apply every rewrite; each is a no-op when its construct is absent."""
-    for fn in (_rewrite_arith_for, _rewrite_arithmetic, _rewrite_double_brackets, _rewrite_case, _rewrite_arrays, _rewrite_keywords):
+    for fn in (
+        _rewrite_arith_for,
+        _rewrite_arithmetic,
+        _rewrite_double_brackets,
+        _rewrite_case,
+        _rewrite_arrays,
+        _rewrite_keywords,
+    ):
         try:
             s = fn(s)
         except (IndexError, ValueError, AssertionError):  # pragma: no cover - defensive
@@ -370,7 +377,21 @@ def rewrite_unsupported(s: str) -> str:
     return s
 
 
-_ANSI_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v", "e": "\x1b", "E": "\x1b", "\\": "\\", "'": "'", '"': '"', "?": "?"}
+_ANSI_ESCAPES = {
+    "n": "\n",
+    "t": "\t",
+    "r": "\r",
+    "a": "\a",
+    "b": "\b",
+    "f": "\f",
+    "v": "\v",
+    "e": "\x1b",
+    "E": "\x1b",
+    "\\": "\\",
+    "'": "'",
+    '"': '"',
+    "?": "?",
+}
 
 
 def shell_unquote(raw: str) -> str:

@@ -33,19 +33,39 @@ from pathlib import Path
 from typing import Any
 
 from smolvm import procs
+from smolvm.envflags import env_int
 from smolvm.exceptions import SmolVMError, ValidationError
-from smolvm.image_snapshots import ensure_image_snapshot, image_snapshot_ref
-from smolvm.snapshots import create_clone, get_snapshot, restore_vm
+from smolvm.paths import resolve_data_dir
+from smolvm.runtime import Runtime
+from smolvm.runtime.channels import agent_transport
+from smolvm.runtime.identity import env_file_text
+from smolvm.snapshots import (
+    IMAGE_REF_PREFIX,
+    create_clone,
+    ensure_image_snapshot,
+    get_snapshot,
+    image_snapshot_ref,
+    restore_vm,
+)
+from smolvm.state.records import VMRecord
 from smolvm.transports.base import GUEST_ENV_FILE, ExecRequest
 from smolvm.types import VMConfig, VMInfo, VMState
-from smolvm.vm import SmolVMManager
-from smolvm.vmhost import env_file_text
 
-log = logging.getLogger("smolvm.pool")
+log = logging.getLogger(__name__)
 
 #: Config fields a pool VM is made with; a request must agree on all of them to use it.
-_MATCH_FIELDS = ("vcpu_count", "mem_size_mib", "disk_size_mib", "kernel_path", "rootfs_path",
-                 "initrd_path", "boot_args", "network", "comm_channel", "port_forwards")
+_MATCH_FIELDS = (
+    "vcpu_count",
+    "mem_size_mib",
+    "disk_size_mib",
+    "kernel_path",
+    "rootfs_path",
+    "initrd_path",
+    "boot_args",
+    "network",
+    "comm_channel",
+    "port_forwards",
+)
 
 
 def _owner_token() -> str:
@@ -62,19 +82,19 @@ def _owner_alive(token: str | None) -> bool:
     return procs.is_alive(pid, token)
 
 
-def reap_orphans(mgr: SmolVMManager) -> list[str]:
+def reap_orphans(rt: Runtime) -> list[str]:
     """Delete pool VMs whose owning process is gone (they would otherwise sit paused forever)."""
     gone = []
-    for row in mgr.state.pool_vms():
-        if _owner_alive(row.get("pool_owner")):
+    for rec in rt.state.pool_vms():
+        if _owner_alive(rec.pool_owner):
             continue
-        if VMState(row["status"]) is VMState.PAUSED and not mgr.state.claim_vm(row["vm_id"]):
+        if rec.status is VMState.PAUSED and not rt.state.claim_vm(rec.vm_id):
             continue  # just handed out by someone else
         try:
-            mgr.delete(row["vm_id"])
-            gone.append(row["vm_id"])
+            rt.delete(rec.vm_id)
+            gone.append(rec.vm_id)
         except SmolVMError as exc:
-            log.warning("could not remove orphaned pool VM %s: %s", row["vm_id"], exc)
+            log.warning("could not remove orphaned pool VM %s: %s", rec.vm_id, exc)
     return gone
 
 
@@ -104,7 +124,7 @@ class _Background:
     def _run(self, fn: Any) -> None:
         try:
             fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to result()
+        except BaseException as exc:
             self._exc = exc
 
     def join(self) -> None:
@@ -124,36 +144,49 @@ class WarmPool:
         config: the sandbox config (default: ``VMConfig()``, the default image). Its VMs
             are restored from that config's image snapshot (created on first use).
         snapshot: restore from this user snapshot instead (``config`` is then ignored).
-        data_dir / socket_dir: as for :class:`SmolVMManager`.
+        data_dir / socket_dir: as for :class:`smolvm.SmolVMManager`.
         start: start refilling now (else call :meth:`start`).
         boot_timeout: seconds one restore may take.
     """
 
-    def __init__(self, size: int = 1, config: VMConfig | None = None, *, snapshot: str | None = None,
-                 data_dir: Path | None = None, socket_dir: Path | None = None, start: bool = True,
-                 boot_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        size: int = 1,
+        config: VMConfig | None = None,
+        *,
+        snapshot: str | None = None,
+        data_dir: Path | None = None,
+        socket_dir: Path | None = None,
+        start: bool = True,
+        boot_timeout: float = 60.0,
+    ) -> None:
         if not isinstance(size, int) or size < 0:
             raise ValidationError(f"pool size must be an integer >= 0, got {size!r}", field="size")
         self.size = size
         self.boot_timeout = boot_timeout
-        self.manager = SmolVMManager(data_dir=data_dir, socket_dir=socket_dir)
+        self.runtime = Runtime(data_dir=data_dir, socket_dir=socket_dir)
         self.owner = _owner_token()
         self._default_image = False
         if snapshot is not None:
-            snap = get_snapshot(self.manager, snapshot)
+            snap = get_snapshot(self.runtime, snapshot)
             self.config = snap.config
-            self.source: str | None = snapshot
+            self.source: str = snapshot
         else:
             given = config or VMConfig()
-            self.config = self.manager._resolve_image(given)
+            self.config = self.runtime.resolve_image(given)
             self._default_image = given.kernel_path is None and given.rootfs_path is None
-            self.source = image_snapshot_ref(self.manager, self.config)
-            if self.source is None:
-                self.manager.close()
-                raise ValidationError("this config cannot be pooled: it needs an image with the guest "
-                                      "agent, the qemu backend and user or no networking", field="config")
-        digest = hashlib.sha256(json.dumps(self._match_view(self.config), sort_keys=True,
-                                           default=str).encode()).hexdigest()[:10]
+            ref = image_snapshot_ref(self.runtime, self.config)
+            if ref is None:
+                self.runtime.close()
+                raise ValidationError(
+                    "this config cannot be pooled: it needs an image with the guest "
+                    "agent, the qemu backend and user or no networking",
+                    field="config",
+                )
+            self.source = ref
+        digest = hashlib.sha256(
+            json.dumps(self._match_view(self.config), sort_keys=True, default=str).encode()
+        ).hexdigest()[:10]
         self.key = f"{self.source}#{digest}"
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -164,7 +197,7 @@ class WarmPool:
         #: Restores done by this pool, and hand-outs served (for stats and benchmarks).
         self.filled = 0
         self.handed_out = 0
-        reap_orphans(self.manager)
+        reap_orphans(self.runtime)
         atexit.register(self.close)
         if start:
             self.start()
@@ -183,30 +216,41 @@ class WarmPool:
             return False
         if config.kernel_path is None and config.rootfs_path is None and self._default_image:
             # The pool's own default image (resolving it again hashes the guest sources).
-            config = config.model_copy(update={"kernel_path": self.config.kernel_path,
-                                               "rootfs_path": self.config.rootfs_path})
+            config = config.model_copy(
+                update={"kernel_path": self.config.kernel_path, "rootfs_path": self.config.rootfs_path}
+            )
         else:
             try:
-                config = self.manager._resolve_image(config)
+                config = self.runtime.resolve_image(config)
             except SmolVMError:
                 return False
         return self._match_view(config) == self._match_view(self.config)
 
     # ------------------------------------------------------------------ state
-    def _rows(self) -> list[dict[str, Any]]:
-        return self.manager.state.pool_vms(self.key)
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _rows(self) -> list[VMRecord]:
+        return self.runtime.state.pool_vms(self.key)
 
     @property
     def ready(self) -> int:
         """Paused VMs ready to hand out now (any process's)."""
-        return sum(1 for r in self._rows() if r["status"] == VMState.PAUSED.value)
+        return sum(1 for r in self._rows() if r.status is VMState.PAUSED)
 
     def vms(self) -> list[VMInfo]:
-        return [self.manager.get(r["vm_id"]) for r in self._rows()]
+        return [r.info() for r in self._rows()]
 
     def stats(self) -> dict[str, Any]:
-        return {"key": self.key, "size": self.size, "ready": self.ready, "filled": self.filled,
-                "handed_out": self.handed_out, "errors": self.errors[-5:]}
+        return {
+            "key": self.key,
+            "size": self.size,
+            "ready": self.ready,
+            "filled": self.filled,
+            "handed_out": self.handed_out,
+            "errors": self.errors[-5:],
+        }
 
     def wait_ready(self, n: int | None = None, timeout: float = 120.0) -> bool:
         """Block until ``n`` (default ``size``) VMs are ready; False on timeout."""
@@ -225,18 +269,19 @@ class WarmPool:
                 raise SmolVMError("this pool is closed")
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
-                self._thread = threading.Thread(target=self._run, name=f"smolvm-pool-{self.key[-10:]}",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name=f"smolvm-pool-{self.key[-10:]}", daemon=True
+                )
                 self._thread.start()
         return self
 
     def _run(self) -> None:
         backoff = 1.0
         while not self._stop.is_set():
-            live = [r for r in self._rows() if r["status"] != VMState.ERROR.value]
+            live = [r for r in self._rows() if r.status is not VMState.ERROR]
             for r in self._rows():
-                if r["status"] == VMState.ERROR.value and r.get("pool_owner") == self.owner:
-                    self._discard(r["vm_id"])
+                if r.status is VMState.ERROR and r.pool_owner == self.owner:
+                    self._discard(r.vm_id)
             if len(live) >= self.size:
                 self._wake.wait(1.0)
                 self._wake.clear()
@@ -251,22 +296,29 @@ class WarmPool:
                 backoff = min(backoff * 2, 30.0)
 
     def _fill_one(self) -> None:
-        mgr = self.manager
-        if self.source is not None and self.source.startswith("image:"):
-            ensure_image_snapshot(mgr, self.config, boot_timeout=self.boot_timeout)
-        info = create_clone(mgr, self.source, env_vars={}, pool=self.key, pool_owner=self.owner,  # type: ignore[arg-type]
-                            port_forwards=self.config.port_forwards, comm_channel=self.config.comm_channel)
+        rt = self.runtime
+        if self.source.startswith(IMAGE_REF_PREFIX):
+            ensure_image_snapshot(rt, self.config, boot_timeout=self.boot_timeout)
+        info = create_clone(
+            rt,
+            self.source,
+            env_vars={},
+            pool=self.key,
+            pool_owner=self.owner,
+            port_forwards=self.config.port_forwards,
+            comm_channel=self.config.comm_channel,
+        )
         vm_id = info.vm_id
         try:
-            restore_vm(mgr, vm_id, boot_timeout=self.boot_timeout, settle=True)
-            t = mgr._handoff.pop(vm_id)
+            restore_vm(rt, vm_id, boot_timeout=self.boot_timeout, settle=True)
+            t = rt.transport(vm_id, "agent")  # the restore's own connection
             try:
                 t.exec(ExecRequest("true", "login", 30))  # warm the translation cache
             finally:
                 t.close()
-            row = mgr.state.get_vm(vm_id)
-            mgr.backend_for("qemu").pause(mgr.spec(row))
-            mgr.state.update_vm(vm_id, status=VMState.PAUSED.value)
+            rec = rt.state.get_vm(vm_id)
+            rt.backend_for(rec.backend).pause(rt.spec(rec))
+            rt.state.update_vm(vm_id, status=VMState.PAUSED)
         except BaseException:
             self._discard(vm_id)
             raise
@@ -276,17 +328,19 @@ class WarmPool:
 
     def _discard(self, vm_id: str) -> None:
         try:
-            self.manager.delete(vm_id)
+            self.runtime.delete(vm_id)
         except SmolVMError as exc:
             log.warning("pool %s: could not delete %s: %s", self.key, vm_id, exc)
 
     # ------------------------------------------------------------------ hand-out
-    def acquire(self, manager: SmolVMManager | None = None, *, env_vars: dict[str, str] | None = None) -> VMInfo | None:
+    def acquire(
+        self, runtime: Runtime | None = None, *, env_vars: dict[str, str] | None = None
+    ) -> VMInfo | None:
         """Take a ready VM out of the pool and resume it; None when none is ready.
 
-        The VM's agent connection is left in ``manager`` (default: the pool's) for the
+        The VM's agent connection is left in ``runtime`` (default: the pool's) for the
         first ``transport()`` call, so the caller's first command needs no handshake."""
-        mgr = manager or self.manager
+        mgr = runtime or self.runtime
         for _ in range(3):
             vm_id = mgr.state.claim_pool_vm(self.key)
             if vm_id is None:
@@ -302,24 +356,20 @@ class WarmPool:
                     pass
         return None
 
-    def _hand_out(self, mgr: SmolVMManager, vm_id: str, env_vars: dict[str, str] | None) -> VMInfo:
-        from smolvm.backends.base import agent_sockets
-        from smolvm.transports.agent import AgentTransport
-
-        row = mgr.state.get_vm(vm_id)
-        spec = mgr.spec(row)
-        _renice(row["pid"], 0)
-        t = AgentTransport(agent_sockets(spec), connect_timeout=10.0)
+    def _hand_out(self, mgr: Runtime, vm_id: str, env_vars: dict[str, str] | None) -> VMInfo:
+        rec = mgr.state.get_vm(vm_id)
+        spec = mgr.spec(rec)
+        backend = mgr.backend_for(rec.backend)
+        _renice(rec.pid, 0)
+        t = agent_transport(spec, backend, connect_timeout=10.0)
         # The agent handshake goes out together with QMP "cont": the guest answers it the
         # moment it runs again. Then clock and entropy, both in flight at once.
         hello = _Background(t.ping)
         try:
-            mgr.backend_for("qemu").resume(spec)
-            upd: dict[str, Any] = {"status": VMState.RUNNING.value}
+            backend.resume(spec)
+            upd: dict[str, Any] = {"status": VMState.RUNNING}
             if env_vars:
-                cfg = dict(row["config"])
-                cfg["env_vars"] = dict(env_vars)
-                upd["config"] = cfg
+                upd["config"] = rec.config.model_copy(update={"env_vars": dict(env_vars)})
             mgr.state.update_vm(vm_id, **upd)
             hello.result()
             entropy = _Background(lambda: t.add_entropy(os.urandom(64)))
@@ -331,29 +381,22 @@ class WarmPool:
             hello.join()
             t.close()
             raise
-        mgr._handoff[vm_id] = t
+        mgr.hand_off(vm_id, t)
         self.handed_out += 1
         return mgr.get(vm_id)
-
-    def sandbox(self, **kw: Any) -> Any:
-        """A :class:`smolvm.SmolVM` from this pool (restored directly if none is ready)."""
-        from smolvm.facade import SmolVM
-
-        cfg = {k: v for k, v in self.config.model_dump().items() if k != "vm_id"}
-        return SmolVM(VMConfig(**cfg), pool=self, **kw)
 
     # ------------------------------------------------------------------ drain
     def drain(self) -> list[str]:
         """Delete this pool's idle VMs (and those of dead owners); returns their ids."""
         gone = []
         for r in self._rows():
-            mine = r.get("pool_owner") == self.owner or not _owner_alive(r.get("pool_owner"))
+            mine = r.pool_owner == self.owner or not _owner_alive(r.pool_owner)
             if not mine:
                 continue
-            if r["status"] == VMState.PAUSED.value and not self.manager.state.claim_vm(r["vm_id"]):
+            if r.status is VMState.PAUSED and not self.runtime.state.claim_vm(r.vm_id):
                 continue
-            self._discard(r["vm_id"])
-            gone.append(r["vm_id"])
+            self._discard(r.vm_id)
+            gone.append(r.vm_id)
         return gone
 
     def close(self, timeout: float = 60.0) -> None:
@@ -371,7 +414,7 @@ class WarmPool:
         finally:
             atexit.unregister(self.close)
             _forget_default(self)
-            self.manager.close()
+            self.runtime.close()
 
     def __enter__(self) -> WarmPool:
         return self
@@ -389,10 +432,7 @@ _defaults_lock = threading.Lock()
 
 
 def pool_size_from_env() -> int:
-    try:
-        return max(0, int(os.environ.get("SMOLVM_POOL_SIZE", "0") or 0))
-    except ValueError:
-        return 0
+    return env_int("SMOLVM_POOL_SIZE", 0, minimum=0)
 
 
 def default_pool(data_dir: Path | None = None, socket_dir: Path | None = None) -> WarmPool | None:
@@ -400,12 +440,10 @@ def default_pool(data_dir: Path | None = None, socket_dir: Path | None = None) -
     size = pool_size_from_env()
     if size <= 0:
         return None
-    from smolvm.paths import resolve_data_dir
-
     key = (str(resolve_data_dir(data_dir)), str(Path(socket_dir) if socket_dir else Path("/tmp")))
     with _defaults_lock:
         p = _defaults.get(key)
-        if p is None or p._closed:
+        if p is None or p.closed:
             try:
                 p = WarmPool(size, data_dir=data_dir, socket_dir=socket_dir)
             except SmolVMError as exc:
