@@ -400,7 +400,7 @@ def main() -> int:
     warm = a.warm or (30 if a.quick else 200)
 
     from smolvm.paths import resolve_data_dir, resolve_image_dir
-    from smolvm.pool import WarmPool
+    from smolvm.pools import WarmPool
 
     # Private data dirs, but the machine's usual image (and its boot snapshot) — not a rebuild.
     os.environ.setdefault("SMOLVM_IMAGE_DIR", str(resolve_image_dir(resolve_data_dir())))

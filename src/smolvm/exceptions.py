@@ -118,6 +118,11 @@ class TransportError(SmolVMError):
     """The command channel (SSH or guest agent) failed while talking to the guest."""
 
 
+class CommandFateUnknownError(TransportError):
+    """The channel dropped after the command may have started: it may have run (fully or in
+    part) or not at all. SmolVM does not retry it; check the guest before running it again."""
+
+
 class CommandBlockedError(SmolVMError):
     """Raised from ``Callback.on_pre_run`` to veto a command before it reaches the guest."""
 
@@ -161,6 +166,7 @@ __all__ = [
     "CommandExecutionUnavailableError",
     "TransportError",
     "CommandBlockedError",
+    "CommandFateUnknownError",
     "AgentError",
     "GuestFileNotFoundError",
     "StateError",

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import shlex
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from smolvm.exceptions import (
     SnapshotError,
     ValidationError,
 )
+from smolvm.options import sandbox_config
 from smolvm.runtime import BOOT_TIMEOUT, STOP_TIMEOUT
 from smolvm.runtime.identity import env_file_text, parse_env_file
 from smolvm.snapshots import SnapshotInfo
@@ -28,7 +30,7 @@ from smolvm.transports.base import (
     ProcessHandle,
     Transport,
 )
-from smolvm.types import CommandResult, VMConfig, VMInfo, VMState, validate_env_key
+from smolvm.types import CommandResult, VMConfig, VMInfo, VMState, WorkspaceMount, validate_env_key
 from smolvm.vm import SmolVMManager, snapshot_name
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,12 @@ class SmolVM:
     * Otherwise, or with ``cold_boot=True``: a cold boot (~3-4 s under TCG).
 
     ``SmolVM.from_snapshot(name)`` restores one of your snapshots (:meth:`snapshot`).
+
+    Sizes are in MiB. Aliases from the public ``smolvm`` API are accepted: ``memory`` (=
+    ``mem_size_mib``), ``disk_size`` (= ``disk_size_mib``), ``os`` ("debian", the default
+    image, or "alpine", which needs Alpine's mirror), ``comm_channel="vsock"`` (= "agent").
+    ``mounts=["./repo:/workspace"]`` shares host directories (read-only with a writable
+    overlay inside the VM; ``writable_mounts=True`` or ``"HOST:GUEST:rw"`` writes through).
     """
 
     def __init__(
@@ -67,6 +75,11 @@ class SmolVM:
         manager: SmolVMManager | None = None,
         pool: pools.WarmPool | None = None,
         cold_boot: bool = False,
+        memory: int | None = None,
+        disk_size: int | None = None,
+        os: str | None = None,
+        mounts: Sequence[str | WorkspaceMount] | None = None,
+        writable_mounts: bool = False,
         _vm_id: str | None = None,
     ) -> None:
         self._callbacks: list[Callback] = []
@@ -83,28 +96,25 @@ class SmolVM:
         self._transport: Transport | None = None
         self._tlock = threading.Lock()
         self._closed = False
+        self._resume_on_start = True
         if _vm_id is not None:  # reconnect (from_id)
             self._owned = False
             self._info = self._manager.get(_vm_id)
             return
-        overrides: dict[str, Any] = {
-            k: v
-            for k, v in {
-                "mem_size_mib": mem_size_mib,
-                "disk_size_mib": disk_size_mib,
-                "vcpu_count": vcpu_count,
-                "env_vars": env_vars,
-                "comm_channel": comm_channel,
-            }.items()
-            if v is not None
-        }
-        if config is None:
-            config = VMConfig(**overrides)
-        elif not isinstance(config, VMConfig):
-            raise ValidationError(f"config must be a VMConfig, got {type(config).__name__}", field="config")
-        elif overrides:
-            explicit = {k: v for k, v in config.model_dump().items() if k in config.model_fields_set}
-            config = VMConfig(**{**explicit, **overrides})
+        config = sandbox_config(
+            config,
+            self._manager.image_dir,
+            mem_size_mib=mem_size_mib,
+            memory=memory,
+            disk_size_mib=disk_size_mib,
+            disk_size=disk_size,
+            vcpu_count=vcpu_count,
+            env_vars=env_vars,
+            comm_channel=comm_channel,
+            os=os,
+            mounts=mounts,
+            writable_mounts=writable_mounts,
+        )
         self._owned = True
         self._info = self._create(config, pool, cold_boot)
 
@@ -153,8 +163,10 @@ class SmolVM:
     @classmethod
     def from_snapshot(
         cls,
-        name: str,
+        snapshot_id: str,
         *,
+        resume_vm: bool = True,
+        backend: str | None = None,
         vm_id: str | None = None,
         env_vars: dict[str, str] | None = None,
         port_forwards: dict[int, int] | None = None,
@@ -164,13 +176,15 @@ class SmolVM:
         socket_dir: Path | None = None,
         manager: SmolVMManager | None = None,
     ) -> SmolVM:
-        """A new sandbox restored from snapshot ``name`` on :meth:`start` / ``with`` entry
-        (its own disk overlay, ports and identity; deleted on ``with`` exit)."""
-        mgr = manager or SmolVMManager(data_dir=data_dir, socket_dir=socket_dir)
+        """A new sandbox restored from snapshot ``snapshot_id`` (a name or
+        ``SnapshotInfo.snapshot_id``) on :meth:`start` / ``with`` entry: its own disk
+        overlay, ports and identity; deleted on ``with`` exit. ``resume_vm=False`` leaves
+        it paused after the restore (:meth:`resume` runs it)."""
+        mgr = manager or SmolVMManager(data_dir=data_dir, socket_dir=socket_dir, backend=backend)
         try:
             info = snapshots.create_clone(
                 mgr,
-                name,
+                snapshot_id,
                 vm_id=vm_id,
                 env_vars=env_vars,
                 port_forwards=port_forwards,
@@ -183,6 +197,7 @@ class SmolVM:
         vm = cls(manager=mgr, _vm_id=info.vm_id, callbacks=callbacks)
         vm._owned = True
         vm._own_manager = manager is None
+        vm._resume_on_start = resume_vm
         return vm
 
     # ------------------------------------------------------------------ properties
@@ -240,6 +255,9 @@ class SmolVM:
             self._manager.delete(self.vm_id)
             self._info = self._manager.create(VMConfig(**config.model_dump()))
             self._info = self._manager.start(self.vm_id, boot_timeout=boot_timeout)
+        if not self._resume_on_start and self._info.status is VMState.RUNNING:
+            self._resume_on_start = True  # once: a later stop/start boots normally
+            self.pause()
         return self
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> SmolVM:

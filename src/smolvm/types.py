@@ -67,6 +67,78 @@ def _to_validation_error(model: str, exc: pydantic.ValidationError) -> Validatio
     return ValidationError(text, field=loc, details={"errors": len(exc.errors())})
 
 
+#: Guest paths a workspace mount may not cover (the system and SmolVM's own files).
+_RESERVED_GUEST_PATHS = (
+    "/",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/boot",
+    "/var",
+    "/tmp",
+)
+_GUEST_PATH_RE = re.compile(r"\A(/[A-Za-z0-9._-]+)+\Z")
+MAX_WORKSPACE_MOUNTS = 8
+
+
+class WorkspaceMount(_Model):
+    """A host directory shared into the guest (virtio-9p).
+
+    ``writable=False`` (default): the guest sees the host files through a writable overlay
+    whose changes stay inside the VM; the host directory is never written. ``True``: the
+    guest's writes go through to the host directory (files it creates get safe host modes:
+    no setuid/setgid bits, owner-only permissions).
+    """
+
+    host_path: Path
+    guest_path: str
+    writable: bool = False
+
+    @field_validator("host_path")
+    @classmethod
+    def _check_host(cls, v: Path) -> Path:
+        p = Path(v).expanduser()
+        if p.is_symlink():
+            raise ValueError(f"host path {p} is a symlink: give the directory it points to")
+        if not p.is_dir():
+            raise ValueError(f"host path {p} is not an existing directory")
+        return p.resolve()
+
+    @field_validator("guest_path")
+    @classmethod
+    def _check_guest(cls, v: str) -> str:
+        if len(v) > 200 or not _GUEST_PATH_RE.match(v) or any(part in (".", "..") for part in v.split("/")):
+            raise ValueError(
+                f"guest path {v!r} must be absolute, made of letters, digits, '.', '_', '-' and '/' "
+                "(no '..'), at most 200 characters"
+            )
+        v = v.rstrip("/")
+        for r in _RESERVED_GUEST_PATHS:
+            if v == r or (r != "/" and r in ("/proc", "/sys", "/dev", "/run") and v.startswith(r + "/")):
+                raise ValueError(f"guest path {v!r} would cover {r}: pick e.g. /workspace or /mnt/data")
+        return v
+
+    @classmethod
+    def parse(cls, spec: str, *, writable: bool = False) -> WorkspaceMount:
+        """``"HOST:GUEST"`` (or ``"HOST:GUEST:rw"`` / ``":ro"``) as in ``SmolVM(mounts=[...])``."""
+        parts = spec.rsplit(":", 2) if spec.count(":") >= 2 else spec.rsplit(":", 1)
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            return cls(host_path=Path(parts[0]), guest_path=parts[1], writable=parts[2] == "rw")
+        if len(parts) == 2 and parts[0] and parts[1]:
+            return cls(host_path=Path(parts[0]), guest_path=parts[1], writable=writable)
+        raise ValidationError(
+            f"mount {spec!r}: use HOST_DIR:GUEST_PATH (optionally :ro or :rw), e.g. ./repo:/workspace",
+            field="mounts",
+        )
+
+
 class VMConfig(_Model):
     """Configuration of one microVM.
 
@@ -87,11 +159,36 @@ class VMConfig(_Model):
     #: "tap": TAP device + nftables NAT (root); "none": no NIC (agent channel only).
     network: Literal["user", "tap", "none"] = "user"
     #: Command channel: "auto" uses the guest agent when present and SSH otherwise.
+    #: "vsock" (the public API's name for the agent channel) is accepted as "agent".
     comm_channel: Literal["auto", "agent", "ssh"] = "auto"
     env_vars: dict[str, str] = Field(default_factory=dict)
     retain_disk_on_delete: bool = False
     #: Extra host→guest TCP forwards: {host_port: guest_port}, bound on 127.0.0.1.
     port_forwards: dict[int, int] = Field(default_factory=dict)
+    #: Host directories shared into the guest (see :class:`WorkspaceMount`).
+    workspace_mounts: list[WorkspaceMount] = Field(default_factory=list)
+
+    @field_validator("comm_channel", mode="before")
+    @classmethod
+    def _channel_alias(cls, v: Any) -> Any:
+        return "agent" if v == "vsock" else v
+
+    @field_validator("workspace_mounts")
+    @classmethod
+    def _check_mounts(cls, v: list[WorkspaceMount]) -> list[WorkspaceMount]:
+        if len(v) > MAX_WORKSPACE_MOUNTS:
+            raise ValueError(f"at most {MAX_WORKSPACE_MOUNTS} workspace mounts, got {len(v)}")
+        seen: set[str] = set()
+        for m in v:
+            for other in seen:
+                if (
+                    m.guest_path == other
+                    or m.guest_path.startswith(other + "/")
+                    or other.startswith(m.guest_path + "/")
+                ):
+                    raise ValueError(f"workspace mounts {other!r} and {m.guest_path!r} overlap")
+            seen.add(m.guest_path)
+        return v
 
     @field_validator("vm_id")
     @classmethod

@@ -50,6 +50,16 @@ class MemorySpec:
     unlink: bool = False
 
 
+@dataclass
+class ShareSpec:
+    """A host directory exported to the guest over virtio-9p as ``tag``."""
+
+    tag: str
+    host_path: Path
+    #: The guest may write through to the host directory.
+    writable: bool = False
+
+
 #: Guest-agent ports of a QEMU VM. QEMU's chardev socket serves one host client at a time,
 #: so each process that holds a command channel to a VM takes one port (see
 #: :func:`agent_sockets`); this many processes can talk to one VM at once.
@@ -90,6 +100,8 @@ class LaunchSpec:
     process_log: Path | None = None
     #: Virtio-serial agent ports (QEMU; Firecracker's vsock UDS takes many clients: 1).
     agent_ports: int = AGENT_PORTS
+    #: Host directories shared into the guest (virtio-9p).
+    shares: list[ShareSpec] = field(default_factory=list)
 
 
 def agent_sockets(spec: LaunchSpec) -> list[Path]:
@@ -135,6 +147,8 @@ class Backend(abc.ABC):
     supports_memory_file: bool = False
     #: The VMM runs with TCG too, so the host probe picks KVM or TCG per VM.
     selects_accelerator: bool = False
+    #: Host directories can be shared into the guest (``LaunchSpec.shares``).
+    supports_shares: bool = False
 
     @abc.abstractmethod
     def check_prerequisites(self) -> list[str]:

@@ -136,6 +136,7 @@ class QemuBackend(Backend):
     supports_snapshots = True
     supports_memory_file = True
     selects_accelerator = True
+    supports_shares = True
 
     def check_prerequisites(self) -> list[str]:
         errors = []
@@ -227,6 +228,17 @@ class QemuBackend(Backend):
             else:
                 a += ["-netdev", f"tap,id=n0,ifname={spec.net.tap_device},script=no,downscript=no"]
             a += ["-device", f"virtio-net-device,netdev=n0,mac={spec.net.mac}"]
+        for i, sh in enumerate(spec.shares):
+            # Writable shares use mapped-xattr: files the guest creates get owner-only host
+            # modes (never setuid); its uid/gid/mode live in xattrs. Read-only ones are plain.
+            model = "mapped-xattr" if sh.writable else "none,readonly=on"
+            path = str(sh.host_path).replace(",", ",,")  # QEMU option escaping
+            a += [
+                "-fsdev",
+                f"local,id=fs{i},path={path},security_model={model},multidevs=remap",
+                "-device",
+                f"virtio-9p-device,fsdev=fs{i},mount_tag={sh.tag}",
+            ]
         if spec.incoming is not None:
             # Capabilities must be set before the stream is read: see start_incoming().
             a += ["-incoming", "defer"]

@@ -53,6 +53,7 @@ def build_config(
     network: str | None = None,
     ports: list[str] | None = None,
     image: str | None = None,
+    mounts: list[str] | None = None,
 ) -> Any:
     """A ``VMConfig`` from CLI options (building the default image with progress if needed)."""
     from smolvm.cli.images import ensure_image
@@ -73,6 +74,10 @@ def build_config(
         fields["env_vars"] = parse_env_pairs(env)
     if ports:
         fields["port_forwards"] = _parse_ports(ports)
+    if mounts:
+        from smolvm.options import parse_mounts
+
+        fields["workspace_mounts"] = parse_mounts(mounts)
     if image:
         from smolvm.images.builder import ImageBuilder
 
@@ -110,14 +115,23 @@ def create(
     image: Annotated[
         str | None, typer.Option("--image", help="Image name (default: the default image, built if missing).")
     ] = None,
+    mount: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--mount",
+            "-v",
+            help="Share a host directory: HOST:GUEST (read-only, writable overlay in the VM) "
+            "or HOST:GUEST:rw (writes reach the host). Repeatable.",
+        ),
+    ] = None,
     start: Annotated[bool, typer.Option("--start", help="Boot the VM right away.")] = False,
     timeout: Annotated[
         float, typer.Option("--timeout", help="Boot timeout in seconds (with --start).")
     ] = 60.0,
 ) -> None:
     """Create a VM (not started unless --start) and print its id."""
-    if channel is not None and channel not in ("auto", "agent", "ssh"):
-        raise usage_error(f"--channel must be auto, agent or ssh, got {channel!r}")
+    if channel is not None and channel not in ("auto", "agent", "ssh", "vsock"):
+        raise usage_error(f"--channel must be auto, agent (alias vsock) or ssh, got {channel!r}")
     if network is not None and network not in ("user", "tap", "none"):
         raise usage_error(f"--network must be user, tap or none, got {network!r}")
     cfg = build_config(
@@ -130,6 +144,7 @@ def create(
         network=network,
         ports=port,
         image=image,
+        mounts=mount,
     )
     with open_manager() as m:
         vm = m.create(cfg)

@@ -51,6 +51,24 @@ if [ -f $C/env.sh ]; then
   $B cp $C/env.sh /etc/profile.d/smolvm_env.sh
   $B chmod 644 /etc/profile.d/smolvm_env.sh
 fi
+# Workspace mounts ("<tag> <ro|rw> <guest path>" per line): virtio-9p from the host. A
+# read-only share gets a writable overlay on this VM's disk, so changes stay in the VM.
+if [ -f $C/mounts ]; then
+  while read -r tag mode gpath; do
+    [ -n "$gpath" ] || continue
+    o="trans=virtio,version=9p2000.L,msize=262144,cache=none"
+    $B mkdir -p "$gpath"
+    if [ "$mode" = rw ]; then
+      $B mount -t 9p -o "$o" "$tag" "$gpath" || echo "smolvm: mount of $tag failed" > /dev/console
+    else
+      low=/run/smolvm/mnt/$tag; st=/var/lib/smolvm/overlay/$tag
+      $B mkdir -p "$low" "$st/upper" "$st/work"
+      $B mount -t 9p -o "$o,ro" "$tag" "$low" &&
+        $B mount -t overlay overlay -o "lowerdir=$low,upperdir=$st/upper,workdir=$st/work" "$gpath" ||
+        echo "smolvm: mount of $tag failed" > /dev/console
+    fi
+  done < $C/mounts
+fi
 
 $B ip link set lo up
 if [ -n "$net" ]; then

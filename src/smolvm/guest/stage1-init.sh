@@ -6,6 +6,11 @@ mount -t devtmpfs dev /dev
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done < /lib/modules/order
+# Workspace mounts (virtio-9p + overlay): loaded only when the VM has some (~20 ms each).
+case " $(cat /proc/cmdline) " in
+  *" smolvm.shares=1 "*)
+    while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done < /lib/modules/order.shares ;;
+esac
 
 target=/init
 for arg in $(cat /proc/cmdline); do

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from smolvm.exceptions import ImageError, ValidationError
+from smolvm.exceptions import ImageError
 from smolvm.images.artifacts import ImageArtifacts
 
 
@@ -79,9 +79,10 @@ def _sha256(p: Path) -> str:
     return h.hexdigest()
 
 
-def build_alpine(builder: Assembler, name: str, ssh_password: str, rootfs_size_mib: int) -> tuple[Path, Path]:
-    if not ssh_password:
-        raise ValidationError("ssh_password must be a non-empty string", field="ssh_password")
+def build_alpine(
+    builder: Assembler, name: str, ssh_password: str | None, rootfs_size_mib: int
+) -> ImageArtifacts:
+    """An Alpine image (``ssh_password`` None: key authentication only)."""
     key = builder.local_inputs_key(ALPINE_PACKAGES, rootfs_size_mib, ssh_password, f"alpine-{ALPINE_RELEASE}")
 
     def populate(tree: Path) -> dict[str, Any]:
@@ -112,7 +113,6 @@ def build_alpine(builder: Assembler, name: str, ssh_password: str, rootfs_size_m
                 p.symlink_to("/usr/lib/ssh/sftp-server")
         return {"release": ALPINE_RELEASE, "packages": ALPINE_PACKAGES, "source": url}
 
-    art = builder.assemble(
+    return builder.assemble(
         name, "alpine", key, populate, rootfs_size_mib=rootfs_size_mib, ssh_password=ssh_password
     )
-    return art.kernel, art.rootfs

@@ -41,6 +41,8 @@ STAGE1_MODULES = [
     "ext4",
     "vmw_vsock_virtio_transport",
 ]
+#: Loaded by stage 1 only for VMs with workspace mounts (``smolvm.shares=1``).
+SHARE_MODULES = ["9pnet_virtio", "9p", "overlay"]
 # crc32c-intel fails to load under TCG and costs 100 ms; crc32c_generic serves ext4.
 SKIP_MODULES = {"crc32c-intel"}
 BUSYBOX_APPLETS = [
@@ -164,9 +166,16 @@ class ImageBuilder:
     def build_alpine_ssh(self, name: str, ssh_password: str, rootfs_size_mb: int = 512) -> tuple[Path, Path]:
         """Build an Alpine image with SSH; needs Alpine's mirror. Returns ``(kernel, rootfs)``.
         ``rootfs_size_mb`` is in MiB (the public API's name)."""
-        return build_alpine(self, name, ssh_password, rootfs_size_mb)
+        if not ssh_password:
+            raise ValidationError("ssh_password must be a non-empty string", field="ssh_password")
+        art = build_alpine(self, name, ssh_password, rootfs_size_mb)
+        return art.kernel, art.rootfs
 
-    # ---------------------------------------------------------------- building
+    def ensure_alpine(self, name: str = "alpine") -> ImageArtifacts:
+        """The Alpine image ``name`` (key authentication only), built on first use; needs
+        Alpine's mirror (``SMOLVM_ALPINE_MIRROR``), else ``ImageError``."""
+        return self.get(name) or build_alpine(self, name, None, 512)
+
     def build_image(
         self,
         name: str,
@@ -269,7 +278,7 @@ class ImageBuilder:
         kdir.mkdir(exist_ok=True)
         stage1 = (GUEST_DIR / "stage1-init.sh").read_bytes()
         pkg, ver = kmod.resolve_kernel_package()
-        key = _sha(BUILDER_VERSION, pkg, ver, stage1, ",".join(STAGE1_MODULES))
+        key = _sha(BUILDER_VERSION, pkg, ver, stage1, ",".join(STAGE1_MODULES), ",".join(SHARE_MODULES))
         out = kdir / key
         if (out / "kernel.json").exists():
             return out
@@ -297,6 +306,12 @@ class ImageBuilder:
                     cpio.file(f"lib/modules/{m.name}", m.read_bytes(), 0o644)
                     order.append(m.name)
                 cpio.file("lib/modules/order", ("\n".join(order) + "\n").encode())
+                extra = [
+                    m for m in kmod.module_closure(tree, SHARE_MODULES, SKIP_MODULES) if m.name not in order
+                ]
+                for m in extra:
+                    cpio.file(f"lib/modules/{m.name}", m.read_bytes(), 0o644)
+                cpio.file("lib/modules/order.shares", ("\n".join(m.name for m in extra) + "\n").encode())
                 cpio.write(work / "initrd.cpio")
                 os.replace(tree.vmlinux, work / "vmlinux")
                 (work / "kernel.json").write_text(

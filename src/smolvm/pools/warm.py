@@ -65,6 +65,7 @@ _MATCH_FIELDS = (
     "network",
     "comm_channel",
     "port_forwards",
+    "workspace_mounts",
 )
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +41,7 @@ from smolvm.runtime import channels, resources
 from smolvm.runtime.identity import env_file_text, refresh_clock_and_entropy
 from smolvm.runtime.memory import boot_memory
 from smolvm.runtime.overlay import write_overlay
-from smolvm.runtime.spec import READY_MARKER, launch_spec
+from smolvm.runtime.spec import READY_MARKER, launch_spec, mounts_file
 from smolvm.state import StateStore
 from smolvm.state.records import VMRecord
 from smolvm.transports.agent import AgentTransport
@@ -54,6 +55,15 @@ STOP_TIMEOUT = 10.0
 #: Seconds a boot (or restore) may take before it counts as failed.
 BOOT_TIMEOUT = 30.0
 MIB = 1024 * 1024
+
+
+def _supports_user_xattrs(directory: Path) -> bool:
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".smolvm-xattr-") as f:
+            os.setxattr(f.name, "user.smolvm", b"1")
+        return True
+    except OSError:
+        return False
 
 
 def progress_to_stderr(msg: str) -> None:
@@ -172,6 +182,18 @@ class Runtime:
         config = self.resolve_image(config)
         name = resolve_backend(config.backend) if config.backend else self.backend
         backend = self.backend_for(name)
+        if config.workspace_mounts and not backend.supports_shares:
+            raise ValidationError(
+                f"the {name} backend cannot share host directories: use backend='qemu'",
+                field="workspace_mounts",
+            )
+        for m in config.workspace_mounts:
+            if m.writable and not _supports_user_xattrs(m.host_path):
+                raise ValidationError(
+                    f"writable mount {m.host_path}: its filesystem does not support user xattrs "
+                    "(needed to keep guest file modes off the host); mount it read-only",
+                    field="workspace_mounts",
+                )
         if config.network not in backend.network_modes:
             raise ValidationError(
                 f"the {name} backend has no network={config.network!r}: use one of "
@@ -284,6 +306,8 @@ class Runtime:
         }
         if with_env and rec.config.env_vars:
             files["env.sh"] = env_file_text(rec.config.env_vars)
+        if rec.config.workspace_mounts:
+            files["mounts"] = mounts_file(rec)
         path = spec.vm_dir / "config.tar"
         self.state.add_resource(rec.vm_id, "file", str(path))
         build_config_disk(path, files, {"vm_id": rec.vm_id})

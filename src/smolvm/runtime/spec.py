@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smolvm.backends.base import Backend, DiskSpec, LaunchSpec, NetSpec
+from smolvm.backends.base import Backend, DiskSpec, LaunchSpec, NetSpec, ShareSpec
 from smolvm.host.tsc import host_tsc_khz
 from smolvm.images.artifacts import artifacts_for_kernel
 from smolvm.network import NetworkManager
@@ -50,6 +50,9 @@ def launch_spec(rec: VMRecord, backend: Backend, *, vm_dir: Path, socket_dir: Pa
     base_mib = (art.manifest.get("rootfs_size_mib") if art else None) or 0
     if cfg.disk_size_mib and cfg.disk_size_mib > base_mib:
         args.append("smolvm.resize=1")
+    shares = [ShareSpec(share_tag(i), m.host_path, m.writable) for i, m in enumerate(cfg.workspace_mounts)]
+    if shares:
+        args.append("smolvm.shares=1")  # stage-1 loads the 9p and overlay modules
     return LaunchSpec(
         vm_id=rec.vm_id,
         vm_dir=vm_dir,
@@ -65,4 +68,19 @@ def launch_spec(rec: VMRecord, backend: Backend, *, vm_dir: Path, socket_dir: Pa
         net=netspec,
         accel=rec.accelerator or "tcg",
         agent_ports=backend.agent_ports,
+        shares=shares,
+    )
+
+
+def share_tag(i: int) -> str:
+    """The virtio-9p mount tag of a VM's ``i``-th workspace mount."""
+    return f"smolvm{i}"
+
+
+def mounts_file(rec: VMRecord) -> str:
+    """The config-disk member telling the guest's init what to mount: one line per mount,
+    ``<tag> <ro|rw> <guest path>``."""
+    return "".join(
+        f"{share_tag(i)} {'rw' if m.writable else 'ro'} {m.guest_path}\n"
+        for i, m in enumerate(rec.config.workspace_mounts)
     )

@@ -52,7 +52,7 @@ def image_snapshot_ref(rt: Runtime, config: VMConfig) -> str | None:
     art = artifacts_for_kernel(config.kernel_path)
     if art is None or not art.has_agent or art.rootfs != Path(config.rootfs_path):
         return None
-    if config.initrd_path is not None or config.network == "tap":
+    if config.initrd_path is not None or config.network == "tap" or config.workspace_mounts:
         return None
     name = config.backend if config.backend and config.backend != "auto" else rt.backend
     backend = rt.backend_for(name)

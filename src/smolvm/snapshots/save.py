@@ -88,6 +88,12 @@ def check_snapshottable(rt: Runtime, rec: VMRecord) -> None:
             f"cannot snapshot VM {rec.vm_id!r}: it is {rec.status.value}; start it first",
             {"vm_id": rec.vm_id, "status": rec.status.value},
         )
+    if rec.config.workspace_mounts:
+        raise SnapshotError(
+            f"VM {rec.vm_id}: snapshots of VMs with workspace mounts are not supported (the "
+            "host directory is not part of a snapshot and QEMU cannot migrate a mounted 9p "
+            "share); snapshot a VM without mounts and copy files in with upload_file()"
+        )
     if rec.network.mode == "tap":
         raise SnapshotError(
             f"VM {rec.vm_id}: snapshots of TAP-networked VMs are not supported yet; "

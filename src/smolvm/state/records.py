@@ -8,13 +8,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from smolvm.types import NetworkInfo, VMConfig, VMInfo, VMState
+from smolvm.types import NetworkInfo, VMConfig, VMInfo, VMState, WorkspaceMount
 
 
 def decode_config(data: dict[str, Any]) -> VMConfig:
     """A stored config, not re-validated (its image files may since have been removed)."""
     fields: dict[str, Any] = {k: (Path(v) if k.endswith("_path") and v else v) for k, v in data.items()}
     fields["port_forwards"] = {int(h): int(g) for h, g in (data.get("port_forwards") or {}).items()}
+    fields["workspace_mounts"] = [
+        WorkspaceMount.model_construct(None, **{**m, "host_path": Path(m["host_path"])})
+        for m in data.get("workspace_mounts") or []
+    ]
     return VMConfig.model_construct(None, **fields)
 
 

@@ -8,17 +8,21 @@ whole process tree can be killed from a second channel.
 from __future__ import annotations
 
 import base64
+import logging
 import select
 import shlex
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import paramiko
 
 from smolvm.exceptions import (
     CommandExecutionUnavailableError,
+    CommandFateUnknownError,
     OperationTimeoutError,
     TransportError,
 )
@@ -30,6 +34,28 @@ from smolvm.transports.base import (
     Transport,
 )
 from smolvm.types import CommandResult
+
+log = logging.getLogger(__name__)
+
+#: Each command's wrapper first appends its tag to a log of its transport (shell builtins,
+#: no fork), so after a dropped connection the host can tell a command that never started
+#: (retried once on a fresh connection) from one that did (CommandFateUnknownError: never
+#: run twice). Two logs per transport, each restarted every STARTED_LOG_ROTATE commands,
+#: so a check always finds the recent tags; logs idle for an hour are removed.
+STARTED_PREFIX = "/run/smolvm-ssh-started."
+STARTED_LOG_ROTATE = 256
+#: Exit 0: the tag is in a log (started); 1: in neither (never started).
+_STARTED_CHECK = (
+    "found=1; for f in {logs}; do [ -f $f ] || continue; "
+    'while read -r t; do [ "$t" = {tag} ] && found=0; done < $f; done; exit $found'
+)
+_STARTED_CLEANUP = (
+    "(find /run -maxdepth 1 -name 'smolvm-ssh-started.*' -mmin +60 -delete >/dev/null 2>&1 &); "
+)
+#: Errors paramiko raises when the connection (not a remote file) fails.
+_CONN_ERRORS = (paramiko.SSHException, EOFError, OSError)
+
+T = TypeVar("T")
 
 # Kill a process tree bottom-up after freezing its root so nothing respawns. The root is
 # found by the unique tag in its argv ($0 of the wrapper shell).
@@ -64,6 +90,8 @@ class SSHTransport(Transport):
         self._host_key = paramiko.PKey.from_type_string(*_split_pub(host_public_key))
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
+        self._started = 0  # commands started through this transport
+        self._log_id = uuid.uuid4().hex[:12]
 
     # ------------------------------------------------------------ connection
     def _connect(self) -> paramiko.SSHClient:
@@ -160,26 +188,72 @@ class SSHTransport(Transport):
     # ------------------------------------------------------------ commands
     def _remote(self, req: ExecRequest, tag: str) -> str:
         """The wrapper: a shell tagged in its argv (so a timeout can find and kill its tree)
-        that runs the command as a child, with only shell builtins around it."""
+        that records its start, then runs the command as a child, with only shell builtins
+        around it."""
         inner = shlex.join([self.shell_path, *req.argv[1:]])
-        pre = "".join(f"export {k}={shlex.quote(v)}; " for k, v in req.env.items())
+        n = self._started
+        self._started += 1
+        gen, pos = divmod(n, STARTED_LOG_ROTATE)
+        pre = _STARTED_CLEANUP if n == 0 else ""
+        pre += f"echo {tag} {'>' if pos == 0 else '>>'}{self._started_log(gen)} 2>/dev/null; "
+        pre += "".join(f"export {k}={shlex.quote(v)}; " for k, v in req.env.items())
         if req.cwd:
             pre += f"cd {shlex.quote(req.cwd)} || exit 1; "
         script = f"{pre}{inner}; exit $?"
         return f"exec {shlex.quote(self.shell_path)} -c {shlex.quote(script)} {tag}"
 
     def _start(self, req: ExecRequest) -> tuple[paramiko.Channel, str]:
+        """Start ``req``. A connection that drops before the command started (server
+        restart, idle drop, restore) is replaced once, with the pinned host key, and the
+        command sent again; one that drops after it may have started raises
+        ``CommandFateUnknownError`` (a command never runs twice)."""
         tag = f"smolvm-cmd-{uuid.uuid4().hex}"
-        chan = self._open_channel()
+        for attempt in (0, 1):
+            chan = self._open_channel()
+            try:
+                chan.exec_command(self._remote(req, tag))
+            except _CONN_ERRORS as exc:
+                chan.close()
+                self._drop()
+                if attempt == 0 and self._never_started(tag):
+                    log.info("VM %s: SSH dropped before the command started (%s); retrying", self.vm_id, exc)
+                    continue
+                raise self._fate_unknown(req, exc) from exc
+            try:
+                if req.stdin is not None:
+                    chan.sendall(req.stdin)
+                chan.shutdown_write()
+            except _CONN_ERRORS as exc:
+                chan.close()
+                self._drop()
+                raise self._fate_unknown(req, exc) from exc
+            return chan, tag
+        raise AssertionError("unreachable")
+
+    def _started_log(self, gen: int) -> str:
+        return f"{STARTED_PREFIX}{self._log_id}.{gen % 2}"
+
+    def _never_started(self, tag: str) -> bool:
+        """True only when the guest's start logs prove ``tag`` never ran (checked over a new
+        connection); False when it did, or when that cannot be told."""
+        logs = f"{self._started_log(0)} {self._started_log(1)}"
+        script = _STARTED_CHECK.replace("{tag}", tag).replace("{logs}", logs)
         try:
-            chan.exec_command(self._remote(req, tag))
-            if req.stdin is not None:
-                chan.sendall(req.stdin)
-            chan.shutdown_write()
-        except (paramiko.SSHException, OSError) as exc:
-            chan.close()
-            raise TransportError(f"SSH exec on VM {self.vm_id} failed: {exc}") from exc
-        return chan, tag
+            chan = self._open_channel()
+            try:
+                chan.exec_command(f"exec {self.shell_path} -c {shlex.quote(script)}")
+                return chan.recv_exit_status() == 1
+            finally:
+                chan.close()
+        except (TransportError, CommandExecutionUnavailableError, *_CONN_ERRORS):
+            return False
+
+    def _fate_unknown(self, req: ExecRequest, exc: BaseException) -> CommandFateUnknownError:
+        return CommandFateUnknownError(
+            f"SSH connection to VM {self.vm_id} dropped after the command may have started "
+            f"({exc}); it was not retried: check the guest before running it again: {req.command[:200]!r}",
+            {"vm_id": self.vm_id, "command": req.command[:200]},
+        )
 
     def _kill(self, tag: str, signal: int = 9) -> None:
         script = _KILL_TREE.replace("{tag}", tag).replace("{sig}", str(int(signal)))
@@ -212,13 +286,14 @@ class SSHTransport(Transport):
                 req.timeout,
                 {"vm_id": self.vm_id, "stdout": bytes(out[-4096:]).decode("utf-8", "replace")},
             ) from None
-        except (OSError, paramiko.SSHException, EOFError) as exc:
+        except _CONN_ERRORS as exc:
             self._drop()
-            raise TransportError(
-                f"SSH connection to VM {self.vm_id} dropped during a command: {exc}"
-            ) from exc
+            raise self._fate_unknown(req, exc) from exc
         code = chan.recv_exit_status()
         chan.close()
+        if code == -1:  # no exit status: the connection (or the wrapper shell) died mid-command
+            self._drop()
+            raise self._fate_unknown(req, EOFError("the channel closed without an exit status"))
         return CommandResult.from_bytes(code, bytes(out), bytes(err), time.monotonic() - t0)
 
     def spawn(
@@ -232,31 +307,49 @@ class SSHTransport(Transport):
         return SSHProcessHandle(self, chan, tag, on_stdout, on_stderr)
 
     # ------------------------------------------------------------ files
-    def _sftp(self) -> paramiko.SFTPClient:
-        try:
-            return self.client().open_sftp()
-        except paramiko.SSHException as exc:
-            raise TransportError(f"SFTP unavailable on VM {self.vm_id}: {exc}") from exc
+    def _with_sftp(self, what: str, fn: Callable[[paramiko.SFTPClient], T]) -> T:
+        """Run ``fn`` on an SFTP session. Transfers are idempotent (whole files), so a
+        connection that drops is replaced once and the transfer repeated."""
+        for attempt in (0, 1):
+            try:
+                sftp = self.client().open_sftp()
+            except _CONN_ERRORS as exc:
+                self._drop()
+                if attempt:
+                    raise TransportError(f"SFTP unavailable on VM {self.vm_id}: {exc}") from exc
+                continue
+            try:
+                with sftp:
+                    return fn(sftp)
+            except (paramiko.SSHException, EOFError) as exc:  # the connection, not the file
+                self._drop()
+                if attempt:
+                    raise TransportError(f"{what} failed: SSH connection dropped: {exc}") from exc
+            except OSError as exc:
+                raise TransportError(f"{what} failed: {exc}") from exc
+        raise AssertionError("unreachable")
 
     def upload(self, local: Path, remote: str, mode: int | None = None) -> None:
         local = Path(local)
-        with self._sftp() as sftp:
-            try:
-                sftp.put(str(local), remote)
-                sftp.chmod(remote, mode if mode is not None else local.stat().st_mode & 0o7777)
-            except OSError as exc:
-                raise TransportError(f"upload {local} -> {remote} failed: {exc}") from exc
+        want = mode if mode is not None else local.stat().st_mode & 0o7777
+
+        def put(sftp: paramiko.SFTPClient) -> None:
+            sftp.put(str(local), remote)
+            sftp.chmod(remote, want)
+
+        self._with_sftp(f"upload {local} -> {remote}", put)
 
     def download(self, remote: str, local: Path) -> None:
         local = Path(local)
-        with self._sftp() as sftp:
-            try:
-                st = sftp.stat(remote)
-                sftp.get(remote, str(local))
-            except OSError as exc:
-                raise TransportError(f"download {remote} -> {local} failed: {exc}") from exc
-        if st.st_mode is not None:
-            local.chmod(st.st_mode & 0o7777)
+
+        def get(sftp: paramiko.SFTPClient) -> int | None:
+            st = sftp.stat(remote)
+            sftp.get(remote, str(local))
+            return st.st_mode
+
+        st_mode = self._with_sftp(f"download {remote} -> {local}", get)
+        if st_mode is not None:
+            local.chmod(st_mode & 0o7777)
 
 
 def _split_pub(line: str) -> tuple[str, bytes]:

@@ -1,0 +1,75 @@
+"""``SmolVM(...)`` keyword arguments → one :class:`VMConfig`: the seed names, the public
+API's aliases (``memory``, ``disk_size``, ``os``, ``comm_channel="vsock"``) and workspace
+mounts (``mounts=["./repo:/workspace"]``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from smolvm.exceptions import ValidationError
+from smolvm.images.builder import ImageBuilder
+from smolvm.types import VMConfig, WorkspaceMount
+
+#: Guest operating systems ``os=`` accepts: Debian is the default image (built offline from
+#: Debian packages); Alpine needs Alpine's mirror.
+OS_CHOICES = ("debian", "alpine")
+
+
+def _one(seed: str, seed_value: Any, alias: str, alias_value: Any) -> Any:
+    if seed_value is not None and alias_value is not None and seed_value != alias_value:
+        raise ValidationError(
+            f"{seed}={seed_value!r} and its alias {alias}={alias_value!r} disagree: pass one",
+            field=seed,
+        )
+    return seed_value if seed_value is not None else alias_value
+
+
+def parse_mounts(
+    mounts: Sequence[str | WorkspaceMount] | None, *, writable: bool = False
+) -> list[WorkspaceMount]:
+    """``"HOST:GUEST[:ro|:rw]"`` strings (``writable`` is the default mode) or mounts."""
+    if mounts is None:
+        return []
+    if isinstance(mounts, (str, bytes)):
+        raise ValidationError("mounts must be a list, e.g. mounts=['./repo:/workspace']", field="mounts")
+    out = []
+    for m in mounts:
+        if isinstance(m, WorkspaceMount):
+            out.append(m)
+        elif isinstance(m, str):
+            out.append(WorkspaceMount.parse(m, writable=writable))
+        else:
+            raise ValidationError(f"mount {m!r}: use 'HOST:GUEST' or a WorkspaceMount", field="mounts")
+    return out
+
+
+def sandbox_config(config: VMConfig | None, image_dir: Path, **kw: Any) -> VMConfig:
+    """The config a ``SmolVM(config, **kw)`` runs: explicit keywords override ``config``."""
+    if config is not None and not isinstance(config, VMConfig):
+        raise ValidationError(f"config must be a VMConfig, got {type(config).__name__}", field="config")
+    overrides: dict[str, Any] = {
+        "mem_size_mib": _one("mem_size_mib", kw.get("mem_size_mib"), "memory", kw.get("memory")),
+        "disk_size_mib": _one("disk_size_mib", kw.get("disk_size_mib"), "disk_size", kw.get("disk_size")),
+        "vcpu_count": kw.get("vcpu_count"),
+        "env_vars": kw.get("env_vars"),
+        "comm_channel": kw.get("comm_channel"),
+    }
+    mounts = parse_mounts(kw.get("mounts"), writable=bool(kw.get("writable_mounts")))
+    if mounts:
+        overrides["workspace_mounts"] = mounts
+    os_name = kw.get("os")
+    if os_name is not None:
+        if os_name not in OS_CHOICES:
+            raise ValidationError(f"os must be one of {', '.join(OS_CHOICES)}, got {os_name!r}", field="os")
+        if os_name == "alpine":
+            art = ImageBuilder(image_dir).ensure_alpine()
+            overrides.update(kernel_path=art.kernel, rootfs_path=art.rootfs)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if config is None:
+        return VMConfig(**overrides)
+    if not overrides:
+        return config
+    explicit = {k: v for k, v in config.model_dump().items() if k in config.model_fields_set}
+    return VMConfig(**{**explicit, **overrides})
