@@ -12,6 +12,7 @@ from smolvm.exceptions import (
     CommandBlockedError,
     CommandExecutionUnavailableError,
     CommandFateUnknownError,
+    GuestCrashedError,
     GuestFileNotFoundError,
     ImageError,
     InvalidStateError,
@@ -31,7 +32,7 @@ from smolvm.images.builder import ImageBuilder
 from smolvm.pools import WarmPool
 from smolvm.smolvm import SmolVM
 from smolvm.snapshots import SnapshotInfo
-from smolvm.types import CommandResult, VMConfig, VMInfo, VMState
+from smolvm.types import CommandResult, Limits, VMConfig, VMInfo, VMState, WorkspaceMount
 from smolvm.vm import SmolVMManager
 
 __version__ = "0.1.0"
@@ -48,6 +49,8 @@ __all__ = [
     "RunContext",
     "WarmPool",
     "SnapshotInfo",
+    "Limits",
+    "WorkspaceMount",
     "SmolVMError",
     "ValidationError",
     "VMNotFoundError",
@@ -62,6 +65,7 @@ __all__ = [
     "VMTimeoutError",
     "CommandExecutionUnavailableError",
     "CommandFateUnknownError",
+    "GuestCrashedError",
     "TransportError",
     "AgentError",
     "GuestFileNotFoundError",

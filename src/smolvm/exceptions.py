@@ -123,6 +123,11 @@ class CommandFateUnknownError(TransportError):
     part) or not at all. SmolVM does not retry it; check the guest before running it again."""
 
 
+class GuestCrashedError(TransportError):
+    """The guest died under a running call (kernel panic, VMM exit): the VM is now ERROR.
+    The message ends with the tail of its serial console."""
+
+
 class CommandBlockedError(SmolVMError):
     """Raised from ``Callback.on_pre_run`` to veto a command before it reaches the guest."""
 
@@ -167,6 +172,7 @@ __all__ = [
     "TransportError",
     "CommandBlockedError",
     "CommandFateUnknownError",
+    "GuestCrashedError",
     "AgentError",
     "GuestFileNotFoundError",
     "StateError",

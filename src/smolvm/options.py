@@ -10,7 +10,8 @@ from typing import Any
 
 from smolvm.exceptions import ValidationError
 from smolvm.images.builder import ImageBuilder
-from smolvm.types import VMConfig, WorkspaceMount
+from smolvm.transports.base import ExecRequest
+from smolvm.types import Limits, VMConfig, WorkspaceMount, validate_env_key
 
 #: Guest operating systems ``os=`` accepts: Debian is the default image (built offline from
 #: Debian packages); Alpine needs Alpine's mirror.
@@ -73,3 +74,29 @@ def sandbox_config(config: VMConfig | None, image_dir: Path, **kw: Any) -> VMCon
         return config
     explicit = {k: v for k, v in config.model_dump().items() if k in config.model_fields_set}
     return VMConfig(**{**explicit, **overrides})
+
+
+def exec_request(
+    command: str,
+    timeout: float | None,
+    shell: str,
+    env: dict[str, str] | None,
+    cwd: str | None,
+    stdin: bytes | None,
+    limits: Limits | None,
+) -> ExecRequest:
+    """A validated request for ``run``/``spawn`` (``timeout`` in seconds, None = none)."""
+    if not isinstance(command, str) or not command.strip():
+        raise ValidationError("command must be a non-empty string", field="command")
+    if shell not in ("login", "raw"):
+        raise ValidationError(f"shell must be 'login' or 'raw', got {shell!r}", field="shell")
+    if timeout is not None and timeout <= 0:
+        raise ValidationError(f"timeout must be > 0 seconds, got {timeout}", field="timeout")
+    for k in env or {}:
+        try:
+            validate_env_key(k)
+        except ValueError as exc:
+            raise ValidationError(str(exc), field="env") from None
+    if limits is not None and not isinstance(limits, Limits):
+        raise ValidationError(f"limits must be a smolvm.Limits, got {type(limits).__name__}", field="limits")
+    return ExecRequest(command, shell, timeout, dict(env or {}), cwd, stdin, limits=limits)  # type: ignore[arg-type]

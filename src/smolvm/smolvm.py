@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shlex
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from smolvm import pools, snapshots
 from smolvm.callbacks import Callback, RunContext, run_pre_hooks, run_with_callbacks
 from smolvm.exceptions import (
+    AgentError,
     BackendError,
     CommandExecutionUnavailableError,
+    CommandFateUnknownError,
+    GuestCrashedError,
+    OperationTimeoutError,
     SmolVMError,
     SnapshotError,
+    TransportError,
     ValidationError,
 )
-from smolvm.options import sandbox_config
+from smolvm.options import exec_request, sandbox_config
 from smolvm.runtime import BOOT_TIMEOUT, STOP_TIMEOUT
+from smolvm.runtime.channels import with_scp
 from smolvm.runtime.identity import env_file_text, parse_env_file
 from smolvm.snapshots import SnapshotInfo
 from smolvm.transports.base import (
@@ -30,10 +35,19 @@ from smolvm.transports.base import (
     ProcessHandle,
     Transport,
 )
-from smolvm.types import CommandResult, VMConfig, VMInfo, VMState, WorkspaceMount, validate_env_key
+from smolvm.types import (
+    CommandResult,
+    Limits,
+    VMConfig,
+    VMInfo,
+    VMState,
+    WorkspaceMount,
+    validate_env_key,
+)
 from smolvm.vm import SmolVMManager, snapshot_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class SmolVM:
@@ -387,6 +401,7 @@ class SmolVM:
         stdin: bytes | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        limits: Limits | None = None,
     ) -> CommandResult:
         """Run ``command`` in the guest and wait for it.
 
@@ -396,11 +411,20 @@ class SmolVM:
                 killed and ``OperationTimeoutError`` is raised. ``None`` waits forever.
             shell: "login" (loads /etc/profile and smolvm_env.sh) or "raw" (no profile).
             on_stdout/on_stderr: called with each output chunk (bytes) as it arrives.
+            limits: caps of this command's session (processes, memory, CPU weight; see
+                :class:`Limits`), default ``VMConfig.command_limits`` or the guest's.
+
+        A guest that dies under the command (kernel panic) raises ``GuestCrashedError``
+        (the VM is then ERROR; the message ends with its console tail).
         """
-        req = self._request(command, timeout, shell, env, cwd, stdin)
+        req = self._request(command, timeout, shell, env, cwd, stdin, limits)
         ctx = RunContext(vm_id=self.vm_id, command=command, shell=shell, timeout=timeout)
         return run_with_callbacks(
-            self._callbacks, ctx, lambda: self._channel().exec(req, on_stdout=on_stdout, on_stderr=on_stderr)
+            self._callbacks,
+            ctx,
+            lambda: self._crash_checked(
+                lambda: self._channel().exec(req, on_stdout=on_stdout, on_stderr=on_stderr)
+            ),
         )
 
     def spawn(
@@ -412,36 +436,53 @@ class SmolVM:
         cwd: str | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        detach: bool = False,
+        limits: Limits | None = None,
     ) -> ProcessHandle:
         """Start ``command`` in the background; returns a handle (wait/kill/stdout/stderr).
 
-        Pre-run callbacks can veto it like :meth:`run`."""
-        req = self._request(command, None, shell, env, cwd, None)
+        It runs in its own session (cgroup), killed with everything it started when the
+        handle is killed or this process's channel closes — unless ``detach=True``, which
+        keeps it (a server, say) running after that. Pre-run callbacks can veto it like
+        :meth:`run`."""
+        req = self._request(command, None, shell, env, cwd, None, limits)
+        req.detach = detach
         ctx = RunContext(vm_id=self.vm_id, command=command, shell=shell, timeout=0)
         run_pre_hooks(self._callbacks, ctx)
-        return self._channel().spawn(req, on_stdout=on_stdout, on_stderr=on_stderr)
+        return self._crash_checked(
+            lambda: self._channel().spawn(req, on_stdout=on_stdout, on_stderr=on_stderr)
+        )
 
-    @staticmethod
+    def _crash_checked(self, call: Callable[[], T]) -> T:
+        """``call()``, turning a channel failure caused by a dead guest into GuestCrashedError."""
+        try:
+            return call()
+        except (OperationTimeoutError, CommandFateUnknownError, AgentError):
+            raise
+        except TransportError as exc:
+            tail = self._manager.crash_report(self.vm_id)
+            if tail is None:
+                raise
+            self._close_transport()
+            self._info = self._manager.get(self.vm_id)
+            raise GuestCrashedError(
+                f"VM {self.vm_id} crashed while running the command (its VMM exited; the VM is "
+                f"now {self._info.status.value}). Serial console tail:\n{tail[-1500:]}",
+                {"vm_id": self.vm_id},
+            ) from exc
+
     def _request(
+        self,
         command: str,
         timeout: float | None,
         shell: str,
         env: dict[str, str] | None,
         cwd: str | None,
         stdin: bytes | None,
+        limits: Limits | None = None,
     ) -> ExecRequest:
-        if not isinstance(command, str) or not command.strip():
-            raise ValidationError("command must be a non-empty string", field="command")
-        if shell not in ("login", "raw"):
-            raise ValidationError(f"shell must be 'login' or 'raw', got {shell!r}", field="shell")
-        if timeout is not None and timeout <= 0:
-            raise ValidationError(f"timeout must be > 0 seconds, got {timeout}", field="timeout")
-        for k in env or {}:
-            try:
-                validate_env_key(k)
-            except ValueError as exc:
-                raise ValidationError(str(exc), field="env") from None
-        return ExecRequest(command, shell, timeout, dict(env or {}), cwd, stdin)  # type: ignore[arg-type]
+        limits = limits if limits is not None else self._info.config.command_limits
+        return exec_request(command, timeout, shell, env, cwd, stdin, limits)
 
     async def arun(
         self, command: str, timeout: float | None = 30, shell: str = "login", **kw: Any
@@ -517,15 +558,7 @@ class SmolVM:
                 "create it with network='user' or 'tap'",
                 self.vm_id,
             )
-        argv = shlex.split(ssh)
-        target = argv[-1]
-        opts = argv[1:-1]
-        scp_opts = [("-P" if o == "-p" else o) for o in opts]
-        out = dict(cmds)
-        out["ssh"] = ssh
-        out["scp_to_guest"] = shlex.join(["scp", *scp_opts]) + f" <local> {target}:<remote>"
-        out["scp_from_guest"] = shlex.join(["scp", *scp_opts]) + f" {target}:<remote> <local>"
-        return out
+        return {**cmds, **with_scp(ssh)}
 
     def __repr__(self) -> str:
         return f"SmolVM(vm_id={self.vm_id!r}, status={self._info.status.value})"

@@ -18,9 +18,10 @@ from smolvm.exceptions import ValidationError
 VM_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")  # \Z: no trailing newline
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-#: Kernel arguments used when a config gives none: serial console, reboot on panic,
-#: and our init (which starts the SSH server and the guest agent).
-DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off init=/init"
+#: Kernel arguments used when a config gives none: serial console, reboot at once on a
+#: panic (QEMU runs with -no-reboot, so the VMM exits and the host marks the VM ERROR
+#: within about a second), and our init (which starts the SSH server and the guest agent).
+DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=-1 pci=off init=/init"
 
 
 class VMState(str, Enum):  # noqa: UP042 - str() of members is public behaviour; StrEnum changes it
@@ -65,6 +66,24 @@ def _to_validation_error(model: str, exc: pydantic.ValidationError) -> Validatio
     value = err.get("input")
     text = f"{model}.{loc}: {msg} (got {value!r})" if loc else f"{model}: {msg}"
     return ValidationError(text, field=loc, details={"errors": len(exc.errors())})
+
+
+class Limits(_Model):
+    """Caps for one command session (its own cgroup in the guest; agent channel). None
+    keeps the default: 512 processes, 3/4 of the memory commands may use (the VM's memory
+    minus 64 MiB for the kernel, agent and init), CPU weight 100 among sessions — all
+    sessions together run at a low weight below the agent's.
+
+    Attributes:
+        pids: most processes and threads at once (a fork beyond fails with EAGAIN).
+        memory_mib: memory in MiB; beyond it the kernel OOM-kills in this session only
+            (the command typically exits 137).
+        cpu_weight: 1-10000, relative to other sessions.
+    """
+
+    pids: int | None = Field(default=None, ge=1, le=1_000_000)
+    memory_mib: int | None = Field(default=None, ge=16, le=1024 * 1024)
+    cpu_weight: int | None = Field(default=None, ge=1, le=10_000)
 
 
 #: Guest paths a workspace mount may not cover (the system and SmolVM's own files).
@@ -167,6 +186,8 @@ class VMConfig(_Model):
     port_forwards: dict[int, int] = Field(default_factory=dict)
     #: Host directories shared into the guest (see :class:`WorkspaceMount`).
     workspace_mounts: list[WorkspaceMount] = Field(default_factory=list)
+    #: Default caps of every command session (``run(..., limits=...)`` overrides per call).
+    command_limits: Limits | None = None
 
     @field_validator("comm_channel", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ AGENT_SOURCES: list[Path] = [
     GUEST_DIR / "agent_chan.c",
     GUEST_DIR / "agent_proc.c",
     GUEST_DIR / "agent_file.c",
+    GUEST_DIR / "agent_cg.c",
 ]
 
 # Warnings are errors: the agent is the one component every guest runs (CI builds it this way).

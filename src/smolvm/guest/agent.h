@@ -64,6 +64,8 @@ enum {
 #define FLAG_EOF         0x01
 #define EXEC_STDIN       0x01 /* exec flags: give the child a stdin pipe (else /dev/null) */
 #define EXEC_ENV_REPLACE 0x02 /* do not start from the default environment */
+#define EXEC_DETACH      0x04 /* survives the end of its host session (not killed then) */
+#define EXEC_LIMITS      0x08 /* after env: u32 pids_max, u32 memory_mib, u32 cpu_weight */
 #define WF_FSYNC         0x01
 #define WF_MKDIRS        0x02
 #define XF_TIMED_OUT     0x01
@@ -97,6 +99,8 @@ struct proc {
     int64_t deadline; /* monotonic ms, 0 = none */
     int timed_out, exited, status;
     size_t drained; /* bytes read after exit */
+    unsigned cg;    /* cgroup session group (0: uncontained) */
+    int detached;   /* EXEC_DETACH: not killed when its session ends */
 };
 
 struct file {
@@ -123,6 +127,14 @@ uint32_t get32(const unsigned char *p);
 uint64_t get64(const unsigned char *p);
 void put64(unsigned char *p, uint64_t v);
 void logmsg(const char *fmt, ...);
+
+/* agent_cg.c */
+int cg_enabled(void);
+unsigned cg_create(uint32_t pids_max, uint32_t mem_mib, uint32_t cpu_weight);
+int cg_move_self(unsigned id);
+void cg_kill(unsigned id);
+void cg_release(unsigned id);
+void cg_sweep(void);
 
 /* agent_chan.c */
 struct chan *chan_open(int fd, int kind, int is_vport);

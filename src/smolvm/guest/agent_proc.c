@@ -98,6 +98,7 @@ static void proc_free(struct proc *pr)
     close_fd(&pr->out_fd);
     close_fd(&pr->err_fd);
     drop_stdin(pr);
+    cg_release(pr->cg); /* background processes it left keep the group until they exit */
     memset(pr, 0, sizeof *pr);
     pr->out_fd = pr->err_fd = pr->in_fd = -1;
 }
@@ -119,6 +120,11 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
     for (unsigned i = 0; i < envc; i++) {
         g_given[i] = (char *)next_str(&q, end);
         if (!g_given[i] || g_given[i][0] == '=' || !strchr(g_given[i], '=')) goto bad;
+    }
+    uint32_t lim_pids = 0, lim_mem = 0, lim_cpu = 0;
+    if (xflags & EXEC_LIMITS) {
+        if (end - q < 12) goto bad;
+        lim_pids = get32(q), lim_mem = get32(q + 4), lim_cpu = get32(q + 8);
     }
     size_t ne = 0;
     if (!(xflags & EXEC_ENV_REPLACE)) {
@@ -181,12 +187,21 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
     posix_spawnattr_setflags(&at,
                              POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
     pid_t pid;
+    /* Spawn into the session's own cgroup (see agent_cg.c): the agent steps in and out. */
+    unsigned cg = cg_create(lim_pids, lim_mem, lim_cpu);
+    if (cg && cg_move_self(cg) != 0) {
+        logmsg("cgroup: cannot enter s%u: %s", cg, strerror(errno));
+        cg_release(cg);
+        cg = 0;
+    }
     int rc = posix_spawn(&pid, path, &fa, &at, g_argv, g_envp);
+    if (cg && cg_move_self(0) != 0) logmsg("cgroup: cannot leave s%u: %s", cg, strerror(errno));
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&at);
     close_fd(&po[1]), close_fd(&pe[1]), close_fd(&pi[0]);
     if (rc) {
         close_fd(&po[0]), close_fd(&pe[0]), close_fd(&pi[1]);
+        cg_release(cg);
         emit_error(ch, sid, rc, "exec %s", path);
         return;
     }
@@ -202,6 +217,8 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
     pr->err_fd = pe[0];
     pr->in_fd = pi[1];
     pr->deadline = timeout_ms ? now_ms() + timeout_ms : 0;
+    pr->cg = cg;
+    pr->detached = (xflags & EXEC_DETACH) != 0;
     unsigned char b[4];
     put32(b, (uint32_t)pid);
     emit(ch, OP_STARTED, 0, sid, b, 4);
@@ -266,6 +283,7 @@ int proc_kill(struct chan *ch, uint32_t sid, int sig)
     struct proc *pr = proc_find(ch, sid);
     if (!pr) return 0;
     if (!pr->exited && kill(-pr->pid, sig) != 0) kill(pr->pid, sig);
+    if (sig == SIGKILL) cg_kill(pr->cg); /* the whole session, escaped processes too */
     return 1;
 }
 
@@ -279,8 +297,16 @@ void proc_abandon(struct chan *ch)
             proc_free(pr);
             continue;
         }
+        if (pr->detached) { /* keeps running; reaped (and its group removed) when it exits */
+            close_fd(&pr->out_fd);
+            close_fd(&pr->err_fd);
+            drop_stdin(pr);
+            pr->ch = NULL;
+            continue;
+        }
         kill(-pr->pid, SIGKILL);
         kill(pr->pid, SIGKILL);
+        cg_kill(pr->cg);
         close_fd(&pr->out_fd);
         close_fd(&pr->err_fd);
         drop_stdin(pr);
@@ -307,6 +333,7 @@ void proc_reap(void)
             break;
         }
     }
+    cg_sweep();
 }
 
 /* Forward one chunk of fd's output, if the channel has room. After the command exited,
@@ -355,6 +382,7 @@ void proc_timeouts(int64_t now)
         if (!pr->in_use || pr->exited || !pr->deadline || now < pr->deadline) continue;
         kill(-pr->pid, SIGKILL);
         kill(pr->pid, SIGKILL);
+        cg_kill(pr->cg);
         pr->timed_out = 1;
         pr->deadline = 0;
     }

@@ -70,6 +70,26 @@ if [ -f $C/mounts ]; then
   done < $C/mounts
 fi
 
+# Command containment (cgroup v2, see agent_cg.c): commands run in per-session groups
+# under smolvm-cmd, SSH sessions in smolvm-ssh; both capped below the VM's memory, with a
+# pids cap and a low CPU weight, so a runaway command never starves the agent or init.
+CG=/sys/fs/cgroup
+if $B mount -t cgroup2 -o nsdelegate cgroup2 $CG 2>/dev/null; then
+  echo "+pids +memory +cpu" > $CG/cgroup.subtree_control
+  total=0
+  while read -r k v _; do [ "$k" = MemTotal: ] && total=$v && break; done < /proc/meminfo
+  cap=$(( (total - 65536) * 1024 ))   # everything but 64 MiB for the kernel, agent and init
+  [ $cap -lt 67108864 ] && cap=67108864
+  for g in smolvm-cmd smolvm-ssh; do
+    $B mkdir -p $CG/$g
+    echo $cap > $CG/$g/memory.max
+    echo 0 > $CG/$g/memory.swap.max 2>/dev/null
+    echo 2048 > $CG/$g/pids.max
+    echo 10 > $CG/$g/cpu.weight
+  done
+  echo "+pids +memory +cpu" > $CG/smolvm-cmd/cgroup.subtree_control
+fi
+
 $B ip link set lo up
 if [ -n "$net" ]; then
   # smolvm.net=<ip>/<prefix>,<gateway>,<dns>
@@ -90,7 +110,9 @@ if [ -x /usr/sbin/dropbear ] && [ -f $C/ssh_host_ed25519_key ]; then
   $B chmod 600 /etc/dropbear/dropbear_ed25519_host_key
   pwopt="-s"
   [ -f /etc/smolvm/password-auth ] && pwopt=""
+  echo $$ > $CG/smolvm-ssh/cgroup.procs 2>/dev/null  # dropbear and its sessions: smolvm-ssh
   /usr/sbin/dropbear -r /etc/dropbear/dropbear_ed25519_host_key -p 22 $pwopt
+  echo $$ > $CG/cgroup.procs 2>/dev/null
   waitport="--ready-wait-port 22"
 fi
 

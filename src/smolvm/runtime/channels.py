@@ -91,3 +91,15 @@ def ssh_commands(
         if public_host:
             out["public"] = q(["ssh", *opts, "-p", str(net.ssh_host_port), f"{ssh_user}@{public_host}"])
     return out
+
+
+def with_scp(ssh: str) -> dict[str, str]:
+    """``ssh`` (a ready ``ssh ... user@host`` command) plus matching ``scp`` templates."""
+    argv = shlex.split(ssh)
+    target, opts = argv[-1], argv[1:-1]
+    scp = shlex.join(["scp", *("-P" if o == "-p" else o for o in opts)])
+    return {
+        "ssh": ssh,
+        "scp_to_guest": f"{scp} <local> {target}:<remote>",
+        "scp_from_guest": f"{scp} {target}:<remote> <local>",
+    }

@@ -61,6 +61,9 @@ _IDENTITY_BG = (
     "[ -x /usr/sbin/dropbear ] || exit 0; "
     "for p in $old; do while kill -0 $p 2>/dev/null; do usleep 2000; done; done; "
     "pw=-s; [ -f /etc/smolvm/password-auth ] && pw=; "
+    # The SSH server goes to its own cgroup, not this command's session group ($$ would
+    # be the parent shell in a subshell: /proc/self is this process).
+    "read -r me _ < /proc/self/stat; echo $me > /sys/fs/cgroup/smolvm-ssh/cgroup.procs 2>/dev/null; "
     "/usr/sbin/dropbear -r " + GUEST_HOST_KEY + " -p 22 $pw"
 )
 _SETTLE = (

@@ -465,6 +465,24 @@ class Runtime:
     def list_vms(self, status: VMState | None = None) -> list[VMInfo]:
         return [r.info() for r in self.state.list_vms(VMState(status).value if status else None)]
 
+    def crash_report(self, vm_id: str, grace: float = 1.5) -> str | None:
+        """After a channel failed: if the VM's VMM has exited (or does within ``grace``
+        seconds, e.g. after a guest kernel panic), mark the VM ERROR and return the tail
+        of its serial console; None while it still runs."""
+        rec = self.state.get_vm(vm_id)
+        if rec.status not in (VMState.RUNNING, VMState.PAUSED) or not rec.pid:
+            return None
+        token = resources.process_token(self.state, vm_id)
+        if not procs.wait_gone(rec.pid, grace, token):
+            return None
+        tail = self.serial_tail(vm_id, 2000)
+        last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")
+        self.state.update_vm(vm_id, status=VMState.ERROR, pid=None, error=f"guest crashed: {last[:300]}")
+        resources.kill_processes(self.state, vm_id)
+        for s in socket_files(self.spec(rec)):
+            s.unlink(missing_ok=True)
+        return tail
+
     def mark_dead(self) -> list[str]:
         """Mark VMs whose VMM died as ERROR and clear their sockets; returns their ids."""
         stale = []

@@ -14,7 +14,9 @@ READY_MARKER = b"SMOLVM_READY"
 #: Kernel arguments that make microvm boots fast and reliable under TCG (platform notes).
 FAST_BOOT_ARGS = (
     "quiet cryptomgr.notests 8250.nr_uarts=1 i8042.noaux i8042.nokbd i8042.nopnp "
-    "random.trust_cpu=on audit=0 selinux=0 apparmor=0 nowatchdog no_timer_check"
+    "random.trust_cpu=on audit=0 selinux=0 apparmor=0 nowatchdog no_timer_check "
+    # A kernel oops leaves the guest half-dead: make it a clean crash the host reports.
+    "oops=panic"
 )
 #: MAC of a NIC whose record has none (VMs created before MACs were recorded).
 DEFAULT_MAC = "52:54:00:12:34:56"

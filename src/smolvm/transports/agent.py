@@ -40,6 +40,8 @@ from smolvm.exceptions import (
 from smolvm.locks import try_lock
 from smolvm.transports.agent_proto import (
     CHUNK,
+    EXEC_DETACH,
+    EXEC_LIMITS,
     EXEC_STDIN,
     FLAG_EOF,
     MAX_PAYLOAD,
@@ -341,9 +343,14 @@ class AgentTransport(Transport):
                 raise ValidationError(f"invalid environment variable name {k!r}", field="env")
         timeout_ms = 0 if req.timeout is None else max(1, math.ceil(req.timeout * 1000))
         flags = EXEC_STDIN if req.stdin is not None else 0
+        flags |= EXEC_DETACH if req.detach else 0
+        flags |= EXEC_LIMITS if req.limits is not None else 0
         parts = [struct.pack("<IIHH", min(timeout_ms, 0xFFFFFFFF), flags, len(argv), len(env))]
         fields = [(req.cwd or "", "cwd"), *((a, "command") for a in argv), *((e, "env") for e in env)]
         parts += [encode_fields(text, what) + b"\0" for text, what in fields]
+        if req.limits is not None:  # 0 = the guest's default
+            lim = req.limits
+            parts.append(struct.pack("<III", lim.pids or 0, lim.memory_mib or 0, lim.cpu_weight or 0))
         payload = b"".join(parts)
         if len(payload) > MAX_PAYLOAD or len(env) > 4096:
             raise ValidationError(

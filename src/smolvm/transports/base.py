@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from smolvm.types import CommandResult
+from smolvm.types import CommandResult, Limits
 
 #: Shell used for commands in the guest (busybox ash, static). "login" adds ``-l``.
 GUEST_SHELL = "/usr/lib/smolvm/sh"
@@ -44,6 +44,10 @@ class ExecRequest:
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
     stdin: bytes | None = None
+    #: Keep running after the host session that started it ends (spawn only).
+    detach: bool = False
+    #: Caps of the command's session (agent channel; None = the guest's defaults).
+    limits: Limits | None = None
 
     @property
     def argv(self) -> list[str]:
