@@ -10,23 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from stats import summary  # benchmarks/ is on sys.path as the script dir
+
 
 def stats(xs: list[float]) -> dict:
-    xs = sorted(xs)
-    p95 = xs[min(len(xs) - 1, max(0, round(0.95 * len(xs)) - 1))]
-    return {
-        "n": len(xs),
-        "median": round(statistics.median(xs), 4),
-        "p95": round(p95, 4),
-        "min": round(xs[0], 4),
-        "max": round(xs[-1], 4),
-    }
+    return summary(xs)
 
 
 def boot_to_first_command(channel: str, runs: int, data_dir: Path, **cfg) -> dict:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
+
+from stats import summary  # benchmarks/ is on sys.path as the script dir
 
 FAULTS = {
     "fork_bomb": "f(){ f|f& }; f",
@@ -31,18 +32,8 @@ FAULTS = {
 }
 
 
-def nearest_rank(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[max(0, math.ceil(q * len(s)) - 1)]
-
-
 def stats(xs: list[float]) -> dict:
-    return {
-        "n": len(xs),
-        "median": round(nearest_rank(xs, 0.5), 4),
-        "p95": round(nearest_rank(xs, 0.95), 4),
-        "max": round(max(xs), 4),
-    }
+    return summary(xs)
 
 
 def one_fault(data_dir: Path, command: str) -> tuple[float, float]:

@@ -17,7 +17,7 @@ import sys
 import time
 
 
-def _rss_kib(pid: int) -> dict:
+def rss_kib(pid: int) -> dict:
     out = {}
     try:
         for line in open(f"/proc/{pid}/status"):
@@ -29,6 +29,24 @@ def _rss_kib(pid: int) -> dict:
     except OSError:
         pass
     return out
+
+
+def guest_mib(pid: int) -> int | None:
+    """Guest RAM (MiB) from a QEMU process's ``-m`` argument (``512``, ``512M``, ``1G``,
+    ``size=512M``)."""
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    except OSError:
+        return None
+    for i, a in enumerate(argv[:-1]):
+        if a == b"-m":
+            v = argv[i + 1].decode().split(",")[0].removeprefix("size=").upper()
+            mult = 1024 if v.endswith("G") else 1
+            try:
+                return int(float(v.rstrip("MG")) * mult)
+            except ValueError:
+                return None
+    return None
 
 
 def _children(pid: int) -> list[int]:
@@ -50,8 +68,10 @@ def sandbox_rss(sb) -> dict:
     reaper = sb._process_manager.pid
     kids = _children(reaper)
     qemu = [k for k in kids if open(f"/proc/{k}/comm").read().startswith("qemu")]
-    res = _rss_kib(qemu[0]) if qemu else {}
-    res["helpers_VmRSS"] = sum(_rss_kib(p).get("VmRSS", 0) for p in [reaper, *kids] if p not in qemu)
+    res = rss_kib(qemu[0]) if qemu else {}
+    if qemu:
+        res["guest_mib"] = guest_mib(qemu[0])
+    res["helpers_VmRSS"] = sum(rss_kib(p).get("VmRSS", 0) for p in [reaper, *kids] if p not in qemu)
     return res
 
 
@@ -65,7 +85,7 @@ async def one_round(warm: int, idle: float) -> dict:
     first = time.perf_counter() - t0
     assert r.exit_code == 0, r
     xs = []
-    for _ in range(3):
+    for _ in range(5):  # the same untimed warm-up as ours
         await sb.execute("true")
     for _ in range(warm):
         a = time.perf_counter()

@@ -16,7 +16,12 @@ Operations (ours):
   concurrent    N sandboxes started at once (threads) until all ran a command
 and the same for quicksand (``accel="tcg"``; it has no memory snapshots or pools, so its
 sandbox-ready time is a cold start). Peer rounds run in the peer's own virtualenv, in a
-subprocess, between our rounds. Output: JSON with medians, p95 and our/peer ratios.
+subprocess, between our rounds: every comparison (cold starts, warm commands) is
+interleaved per round, concurrency runs ours / theirs / ours; both sides get the same
+untimed warm-up. Output: JSON with medians, nearest-rank p95, the guest RAM of each side,
+what each operation's "ready" includes ("definitions") and our/peer ratios, each naming
+what it compares and whether it is like-for-like or a headline (our fastest path vs the
+peer's only one).
 
 The peer is installed on first use: ``python3 -m venv <dir> && <dir>/bin/pip install
 'quick-sandbox[alpine]'`` (``--peer-venv``, default ``~/.cache/smolvm-bench/quicksand-venv``).
@@ -36,7 +41,8 @@ import threading
 import time
 from pathlib import Path
 
-from peer_quicksand import _rss_kib  # benchmarks/ is on sys.path as the script dir
+from peer_quicksand import rss_kib  # benchmarks/ is on sys.path as the script dir
+from stats import summary
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PEER_VENV = Path.home() / ".cache" / "smolvm-bench" / "quicksand-venv"
@@ -54,22 +60,12 @@ def log(msg: str) -> None:
 
 
 def stats(xs: list[float], scale: float = 1.0, nd: int = 4) -> dict:
-    if not xs:
-        return {"n": 0}
-    s = sorted(x * scale for x in xs)
-    p95 = s[min(len(s) - 1, max(0, -(-95 * len(s) // 100) - 1))]
-    return {
-        "n": len(s),
-        "median": round(statistics.median(s), nd),
-        "p95": round(p95, nd),
-        "min": round(s[0], nd),
-        "max": round(s[-1], nd),
-    }
+    return summary(xs, scale, nd)
 
 
 def rss_of(pid: int | None) -> dict:
     """VmRSS/Rss*/Pss in KiB: the same reader the peer script uses (stdlib only)."""
-    return _rss_kib(pid) if pid else {}
+    return rss_kib(pid) if pid else {}
 
 
 # ----------------------------------------------------------------------------- ours
@@ -99,10 +95,11 @@ class Ours:
     def prepare(self) -> None:
         from smolvm import SmolVM
 
-        log("ours: making sure the image and its boot snapshot exist")
+        log("ours: warm-up (untimed): the image, its boot snapshot, one restore")
         with SmolVM(data_dir=self.d) as vm:
             assert vm.info.snapshot, "SmolVM() did not restore the image's boot snapshot"
             vm.run("true")
+            self.guest_mib = vm.info.config.mem_size_mib
 
     def restore_round(self, measure_rss: bool = False) -> None:
         from smolvm import SmolVM
@@ -325,9 +322,9 @@ class Peer:
             return None
         return json.loads(p.stdout.strip().splitlines()[-1])
 
-    def round(self, warm: int) -> None:
+    def round(self, warm: int, timed: bool = True) -> None:
         res = self._run("round", "--warm", str(warm), "--idle", "2")
-        if res:
+        if res and timed:
             self.rounds.append(res)
 
     def concurrent(self, n: int) -> None:
@@ -335,7 +332,9 @@ class Peer:
 
     def report(self) -> dict:
         rs = self.rounds
+        guest = [r["idle_rss_kib"].get("guest_mib") for r in rs if r["idle_rss_kib"].get("guest_mib")]
         out = {
+            "guest_mib": guest[0] if guest else None,
             "first_command_s": stats([r["first_command_s"] for r in rs]),
             "warm_command_ms": stats([x for r in rs for x in r["warm_true_s"]], 1000, 2),
             "stop_ms": stats([r["stop_s"] for r in rs], 1000, 1),
@@ -363,6 +362,105 @@ def ratio(peer: float | None, ours: float | None) -> float | None:
     if not peer or not ours:
         return None
     return round(peer / ours, 1)
+
+
+#: What each of our operations' "ready" includes (the JSON carries this).
+DEFINITIONS = {
+    "restore": "SmolVM() + start() + run('true') returned: a clone of the image's boot snapshot "
+    "with its own disk overlay, sockets and ports, and its clock, entropy, hostname and env set "
+    "through the agent before start() returns. Its new SSH host key and SSH server restart "
+    "follow in the background ~1 s later at low priority (sandboxes with "
+    "comm_channel='ssh' wait for them); total_s adds the with-exit (stop + delete).",
+    "pool_handout": "SmolVM(pool=...) returned a running, re-identified sandbox (resume, clock, "
+    "entropy); the pool restored and paused it earlier, off the timed path.",
+    "cold_boot": "SmolVM(cold_boot=True) + start() + run('true'): kernel boot, init, agent ready.",
+    "peer_first_command": "quicksand Sandbox(image='alpine', accel='tcg').start() + execute('true'): "
+    "its only path (no memory snapshots or pools).",
+    "warm_command": "run('true') on a running sandbox after 5 untimed commands (both sides); "
+    "interleaved per round with the peer's.",
+    "idle_rss": "VmRSS/Pss of the sandbox's QEMU after 2 s idle; guest RAM sizes in guest_mib.",
+    "stop_delete": "ours: with-exit of an owned sandbox (kill QEMU, remove disk/sockets/state); "
+    "peer: Sandbox.stop().",
+}
+
+
+def ratios(o: dict, p: dict, conc: dict) -> dict:
+    """peer / ours for each comparison, with what it compares (headline ones compare our
+    fastest path with the peer's only one; like-for-like ones the same operation)."""
+    pm = p["first_command_s"].get("median")
+
+    def r(value: float | None, compares: str, kind: str) -> dict:
+        return {"value": value, "compares": compares, "kind": kind}
+
+    out = {
+        "with_run_true_end_to_end_vs_peer_cold": r(
+            ratio(pm, o["restore"]["total_s"].get("median")),
+            "our restore incl. run('true') and with-exit vs the peer's cold start to first command",
+            "headline",
+        ),
+        "sandbox_ready_restore_vs_peer_cold": r(
+            ratio(pm, o["restore"]["first_command_s"].get("median")),
+            "our restore to first command vs the peer's cold start to first command (its best path)",
+            "headline",
+        ),
+        "pool_handout_vs_peer_cold": r(
+            ratio(pm, (o["pool"]["handout_ms"].get("median") or 0) / 1000),
+            "different operations: our hand-out of a pre-restored sandbox vs the peer's cold start",
+            "headline",
+        ),
+        "pool_handout_plus_command_vs_peer_cold": r(
+            ratio(pm, (o["pool"]["handout_plus_first_command_ms"].get("median") or 0) / 1000),
+            "different operations: hand-out + run('true') vs the peer's cold start + execute",
+            "headline",
+        ),
+        "cold_boot_vs_peer_cold": r(
+            ratio(pm, o["cold_boot"]["first_command_s"].get("median")),
+            "like for like: our cold boot vs theirs, each to its first command",
+            "like-for-like",
+        ),
+        "warm_command": r(
+            ratio(p["warm_command_ms"].get("median"), o["warm_command_ms"]["login"].get("median")),
+            "like for like: run('true') (login shell) vs execute('true'), warm",
+            "like-for-like",
+        ),
+        "warm_command_raw": r(
+            ratio(p["warm_command_ms"].get("median"), o["warm_command_ms"]["raw"].get("median")),
+            "run('true', shell='raw') vs execute('true'), warm",
+            "like-for-like",
+        ),
+        "stop_delete": r(
+            ratio(p["stop_ms"].get("median"), o["stop_delete_ms"].get("median")),
+            "different operations: our kill + delete vs the peer's stop()",
+            "headline",
+        ),
+        "idle_rss_restored_vs_peer_cold": r(
+            ratio(
+                p["idle_rss_mib"]["VmRSS"].get("median"), o["idle_rss_mib"]["restored"]["VmRSS"].get("median")
+            ),
+            f"our restored sandbox ({o.get('guest_mib')} MiB guest) vs the peer's cold-booted one "
+            f"({p.get('guest_mib')} MiB guest)",
+            "headline",
+        ),
+        "idle_rss_cold_vs_peer_cold": r(
+            ratio(p["idle_rss_mib"]["VmRSS"].get("median"), o["idle_rss_mib"]["cold"]["VmRSS"].get("median")),
+            f"like for like: cold-booted sandboxes ({o.get('guest_mib')} vs {p.get('guest_mib')} MiB guest)",
+            "like-for-like",
+        ),
+    }
+    if "concurrent" in p:
+        pc = p["concurrent"]
+        # If some peer sandboxes never came up, compare with the last one that did.
+        peer_ready = pc["first_command_s"].get("max") if pc["errors"] else pc["all_ready_s"]
+        ours_ready = statistics.mean(conc["all_ready_s_runs"])
+        out["concurrent_all_ready"] = r(
+            ratio(peer_ready, ours_ready),
+            f"{conc['n']} sandboxes started at once until all ran a command: ours restored (mean of "
+            "the runs before and after the peer's), theirs cold; peer failures in "
+            "concurrent_peer_failures",
+            "headline",
+        )
+        out["concurrent_peer_failures"] = len(pc["errors"])
+    return out
 
 
 def host_info() -> dict:
@@ -422,6 +520,10 @@ def main() -> int:
                 "peer": not a.no_peer,
             },
         }
+        if peer:
+            log("quicksand: warm-up round (untimed, like ours)")
+            peer.round(warm=5, timed=False)
+        warm_per_round = max(10, warm // rounds)
         for rnd in range(rounds):
             log(f"round {rnd + 1}/{rounds}: ours cold boot + snapshot")
             ours.cold_round(snapshot=(rnd == 0))
@@ -436,49 +538,31 @@ def main() -> int:
                     ours.pool_round(pool, measure_rss=(i == 0))
             finally:
                 pool.close()
+            log(f"round {rnd + 1}/{rounds}: ours {warm_per_round} warm commands")
+            ours.warm(warm_per_round)
             if peer:
-                log(f"round {rnd + 1}/{rounds}: quicksand cold start + warm commands (~30-50 s)")
-                peer.round(warm=min(warm, 50))
-        log(f"ours: {warm} warm commands")
-        ours.warm(warm)
+                log(f"round {rnd + 1}/{rounds}: quicksand cold start + {warm_per_round} warm commands")
+                peer.round(warm=warm_per_round)
         log(f"ours: {a.concurrency} concurrent sandboxes")
-        conc = ours.concurrent(a.concurrency)
+        conc_runs = [ours.concurrent(a.concurrency)]
         if peer:
+            # ours, theirs, ours: host drift during the peer's minutes hits both sides.
             log(f"quicksand: {a.concurrency} concurrent sandboxes (minutes under TCG)")
             peer.concurrent(a.concurrency)
+            log(f"ours: {a.concurrency} concurrent sandboxes again")
+            conc_runs.append(ours.concurrent(a.concurrency))
+        conc = conc_runs[0]
+        conc["all_ready_s_runs"] = [c["all_ready_s"] for c in conc_runs]
+        conc["errors"] = [e for c in conc_runs for e in c["errors"]]
         o = ours.report()
         o["concurrent"] = conc
+        o["guest_mib"] = ours.guest_mib
         res["ours"] = o
+        res["definitions"] = DEFINITIONS
         if peer:
             p = peer.report()
             res["peer"] = {"name": "quicksand 0.13 (quick-sandbox[alpine], accel='tcg')", **p}
-            pm = p["first_command_s"].get("median")
-            res["ratios_peer_over_ours"] = {
-                "sandbox_ready_restore_vs_peer_cold": ratio(
-                    pm, o["restore"]["first_command_s"].get("median")
-                ),
-                "with_run_true_end_to_end_vs_peer_cold": ratio(pm, o["restore"]["total_s"].get("median")),
-                "pool_handout_vs_peer_cold": ratio(pm, (o["pool"]["handout_ms"].get("median") or 0) / 1000),
-                "pool_handout_plus_command_vs_peer_cold": ratio(
-                    pm, (o["pool"]["handout_plus_first_command_ms"].get("median") or 0) / 1000
-                ),
-                "cold_boot_vs_peer_cold": ratio(pm, o["cold_boot"]["first_command_s"].get("median")),
-                "warm_command": ratio(
-                    p["warm_command_ms"].get("median"), o["warm_command_ms"]["login"].get("median")
-                ),
-                "stop_delete": ratio(p["stop_ms"].get("median"), o["stop_delete_ms"].get("median")),
-                "idle_rss": ratio(
-                    p["idle_rss_mib"]["VmRSS"].get("median"),
-                    o["idle_rss_mib"]["restored"]["VmRSS"].get("median"),
-                ),
-            }
-            if "concurrent" in p:
-                pc = p["concurrent"]
-                # If some peer sandboxes never came up, compare with the last one that did
-                # (the errors are in peer.concurrent.errors).
-                peer_ready = pc["first_command_s"].get("max") if pc["errors"] else pc["all_ready_s"]
-                res["ratios_peer_over_ours"]["concurrent_all_ready"] = ratio(peer_ready, conc["all_ready_s"])
-                res["ratios_peer_over_ours"]["concurrent_peer_failures"] = len(pc["errors"])
+            res["ratios_peer_over_ours"] = ratios(o, p, conc)
         rss_worst = max((o["idle_rss_mib"][k]["VmRSS"].get("median") or 0) for k in ("restored", "pooled"))
         checks = {
             "restore_total_median_s": (
@@ -500,8 +584,8 @@ def main() -> int:
             "target": a.concurrency,
             "ok": not conc["errors"],
         }
-        if peer and res["ratios_peer_over_ours"].get("pool_handout_vs_peer_cold"):
-            sp = res["ratios_peer_over_ours"]["with_run_true_end_to_end_vs_peer_cold"]
+        if peer and res["ratios_peer_over_ours"]["with_run_true_end_to_end_vs_peer_cold"]["value"]:
+            sp = res["ratios_peer_over_ours"]["with_run_true_end_to_end_vs_peer_cold"]["value"]
             res["targets"]["speedup_vs_peer_first_command"] = {
                 "value": sp,
                 "target": TARGETS["speedup_vs_peer_first_command"],
