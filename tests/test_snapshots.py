@@ -110,7 +110,7 @@ def test_image_snapshot_key_follows_the_config(data_dir: Path, default_image) ->
             ref(mem_size_mib=1024),
             ref(vcpu_count=2),
             ref(network="none"),
-            ref(boot_args="console=ttyS0 reboot=k panic=-1 pci=off init=/init quiet2"),
+            ref(boot_args="console=ttyS0 reboot=t panic=-1 pci=off init=/init quiet2"),
         }
         assert base not in keys and len(keys) == 4
 

@@ -19,9 +19,10 @@ VM_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")  # \Z: no trailing 
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 #: Kernel arguments used when a config gives none: serial console, reboot at once on a
-#: panic (QEMU runs with -no-reboot, so the VMM exits and the host marks the VM ERROR
-#: within about a second), and our init (which starts the SSH server and the guest agent).
-DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=-1 pci=off init=/init"
+#: panic by triple fault (QEMU runs with -no-reboot, so the VMM exits and the host marks
+#: the VM ERROR within tens of milliseconds; reboot=k would first probe for a keyboard
+#: controller microvm lacks, ~1.4 s), and our init (which starts the SSH server and agent).
+DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=t panic=-1 pci=off init=/init"
 
 
 class VMState(str, Enum):  # noqa: UP042 - str() of members is public behaviour; StrEnum changes it

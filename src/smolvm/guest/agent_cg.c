@@ -22,6 +22,15 @@
 #define CG_ROOT     "/sys/fs/cgroup"
 #define CG_CMD      CG_ROOT "/smolvm-cmd"
 #define MAX_PENDING 256
+#define MAX_FREE    16
+
+/* Empty groups kept for reuse (creating and removing a cgroup costs more than a command
+ * under TCG), with the caps last written to them. */
+static struct {
+    unsigned id;
+    uint64_t pids, mem, weight;
+} g_free[MAX_FREE];
+static int g_nfree;
 
 static int g_cg = -1;      /* -1 unknown, 0 off, 1 on */
 static unsigned g_seq;     /* last group id */
@@ -75,6 +84,18 @@ unsigned cg_create(uint32_t pids_max, uint32_t mem_mib, uint32_t cpu_weight)
 {
     if (!cg_enabled()) return 0;
     char p[96];
+    uint64_t mem = mem_mib ? (uint64_t)mem_mib << 20 : (g_mem_cap ? g_mem_cap / 4 * 3 : 0);
+    uint64_t pids = pids_max ? pids_max : 512;
+    uint64_t weight = cpu_weight ? (cpu_weight < 10000 ? cpu_weight : 10000) : 100;
+    if (g_nfree > 0) { /* reuse an empty group; write only the caps that differ */
+        g_nfree--;
+        unsigned id = g_free[g_nfree].id;
+        group_path(p, sizeof p, id);
+        if (g_free[g_nfree].pids != pids) write_u64(p, "pids.max", pids);
+        if (mem && g_free[g_nfree].mem != mem) write_u64(p, "memory.max", mem);
+        if (g_free[g_nfree].weight != weight) write_u64(p, "cpu.weight", weight);
+        return id;
+    }
     unsigned id = 0;
     for (int tries = 0; tries < 8 && !id; tries++) {
         unsigned cand = ++g_seq ? g_seq : ++g_seq;
@@ -88,13 +109,12 @@ unsigned cg_create(uint32_t pids_max, uint32_t mem_mib, uint32_t cpu_weight)
         logmsg("cgroup: cannot create a session group (%s); running uncontained", strerror(errno));
         return 0;
     }
-    uint64_t mem = mem_mib ? (uint64_t)mem_mib << 20 : (g_mem_cap ? g_mem_cap / 4 * 3 : 0);
-    write_u64(p, "pids.max", pids_max ? pids_max : 512);
+    write_u64(p, "pids.max", pids);
     if (mem) {
         write_u64(p, "memory.max", mem);
         write_u64(p, "memory.swap.max", 0);
     }
-    if (cpu_weight) write_u64(p, "cpu.weight", cpu_weight < 10000 ? cpu_weight : 10000);
+    write_u64(p, "cpu.weight", weight);
     return id;
 }
 
@@ -130,13 +150,47 @@ static int try_remove(unsigned id)
     return rmdir(p) == 0 || errno == ENOENT;
 }
 
-/* The session is over: remove its group now, or once its last process is gone. What it
- * left running in the background yields the CPU to live sessions (weight 1). */
+static int populated(const char *group)
+{
+    char p[128], buf[128] = {0};
+    snprintf(p, sizeof p, "%s/cgroup.events", group);
+    int fd = open(p, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    return n <= 0 || !strstr(buf, "populated 0");
+}
+
+static uint64_t read_u64(const char *group, const char *file)
+{
+    char p[128], buf[32] = {0};
+    snprintf(p, sizeof p, "%s/%s", group, file);
+    int fd = open(p, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    return n > 0 && buf[0] >= '0' && buf[0] <= '9' ? strtoull(buf, NULL, 10) : UINT64_MAX;
+}
+
+/* The session is over: keep its group for reuse (or remove it) once its last process is
+ * gone. What it left running in the background yields the CPU to live sessions
+ * (weight 1) until then. */
 void cg_release(unsigned id)
 {
-    if (!id || try_remove(id)) return;
+    if (!id) return;
     char p[96];
     group_path(p, sizeof p, id);
+    if (!populated(p)) {
+        if (g_nfree < MAX_FREE) {
+            g_free[g_nfree].id = id;
+            g_free[g_nfree].pids = read_u64(p, "pids.max");
+            g_free[g_nfree].mem = read_u64(p, "memory.max");
+            g_free[g_nfree].weight = read_u64(p, "cpu.weight");
+            g_nfree++;
+            return;
+        }
+        if (try_remove(id)) return;
+    }
     write_u64(p, "cpu.weight", 1);
     for (int i = 0; i < MAX_PENDING; i++)
         if (!g_pending[i]) {
