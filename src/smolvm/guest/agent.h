@@ -66,6 +66,7 @@ enum {
 #define EXEC_ENV_REPLACE 0x02 /* do not start from the default environment */
 #define EXEC_DETACH      0x04 /* survives the end of its host session (not killed then) */
 #define EXEC_LIMITS      0x08 /* after env: u32 pids_max, u32 memory_mib, u32 cpu_weight */
+#define EXEC_HOST        0x10 /* SmolVM's own work (identity push): no session cgroup */
 #define WF_FSYNC         0x01
 #define WF_MKDIRS        0x02
 #define XF_TIMED_OUT     0x01

@@ -188,7 +188,7 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
                              POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
     pid_t pid;
     /* Spawn into the session's own cgroup (see agent_cg.c): the agent steps in and out. */
-    unsigned cg = cg_create(lim_pids, lim_mem, lim_cpu);
+    unsigned cg = (xflags & EXEC_HOST) ? 0 : cg_create(lim_pids, lim_mem, lim_cpu);
     if (cg && cg_move_self(cg) != 0) {
         logmsg("cgroup: cannot enter s%u: %s", cg, strerror(errno));
         cg_release(cg);

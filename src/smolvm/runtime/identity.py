@@ -140,7 +140,8 @@ def push_identity(
     write_env = have.env_vars is None or who.env_vars != have.env_vars
     if write_env:
         env["SMOLVM_ENVFILE"] = env_file_text(who.env_vars)
-    res = t.exec(ExecRequest(identity_script(settle, write_env, have.sshd_running), "raw", 30, env=env))
+    script = identity_script(settle, write_env, have.sshd_running)
+    res = t.exec(ExecRequest(script, "raw", 30, env=env, host_work=True))
     if not res.ok:
         raise SnapshotError(
             f"VM {who.hostname}: setting the clone's identity failed "

@@ -41,6 +41,7 @@ from smolvm.locks import try_lock
 from smolvm.transports.agent_proto import (
     CHUNK,
     EXEC_DETACH,
+    EXEC_HOST,
     EXEC_LIMITS,
     EXEC_STDIN,
     FLAG_EOF,
@@ -345,6 +346,7 @@ class AgentTransport(Transport):
         flags = EXEC_STDIN if req.stdin is not None else 0
         flags |= EXEC_DETACH if req.detach else 0
         flags |= EXEC_LIMITS if req.limits is not None else 0
+        flags |= EXEC_HOST if req.host_work else 0
         parts = [struct.pack("<IIHH", min(timeout_ms, 0xFFFFFFFF), flags, len(argv), len(env))]
         fields = [(req.cwd or "", "cwd"), *((a, "command") for a in argv), *((e, "env") for e in env)]
         parts += [encode_fields(text, what) + b"\0" for text, what in fields]

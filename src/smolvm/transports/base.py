@@ -48,6 +48,8 @@ class ExecRequest:
     detach: bool = False
     #: Caps of the command's session (agent channel; None = the guest's defaults).
     limits: Limits | None = None
+    #: SmolVM's own work (identity push), not a user command: no session cgroup.
+    host_work: bool = False
 
     @property
     def argv(self) -> list[str]:
