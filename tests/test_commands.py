@@ -203,6 +203,23 @@ def test_upload_download_roundtrip_keeps_mode(vm, tmp_path: Path):
         vm.upload_file(tmp_path / "missing", "/root/x")
 
 
+def test_download_never_carries_dangerous_modes_or_follows_symlinks(vm, tmp_path: Path):
+    """The guest is hostile: a setuid, sticky or world-writable guest file lands 0755 or
+    less, and a symlink at the destination is replaced, never written through."""
+    vm.run("cp /bin/true /root/suid && chmod 6777 /root/suid && printf x > /root/ww && chmod 1777 /root/ww")
+    for name, want in (("suid", 0o755), ("ww", 0o755)):
+        dst = tmp_path / name
+        vm.download_file(f"/root/{name}", dst)
+        assert dst.stat().st_mode & 0o7777 == want, (name, oct(dst.stat().st_mode))
+    victim = tmp_path / "victim"
+    victim.write_text("host file")
+    link = tmp_path / "link"
+    link.symlink_to(victim)
+    vm.download_file("/root/ww", link)
+    assert victim.read_text() == "host file" and not link.is_symlink() and link.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files
+
+
 def test_async_run(vm):
     async def main():
         return await asyncio.gather(vm.arun("echo a"), vm.arun("echo b"))

@@ -540,7 +540,8 @@ class SmolVM:
         self._channel().upload(p, guest_path, mode)
 
     def download_file(self, guest_path: str, local_path: str | Path) -> None:
-        """Copy a guest file to the host (streamed; keeps its permissions)."""
+        """Copy a guest file to the host (streamed, written atomically; keeps its
+        permissions except setuid/setgid/sticky and group/world write bits)."""
         self._channel().download(guest_path, Path(local_path).expanduser())
 
     # ------------------------------------------------------------------ SSH strings

@@ -69,7 +69,14 @@ from smolvm.transports.agent_proto import (
     encode_fields,
     handshake,
 )
-from smolvm.transports.base import GUEST_SHELL, ExecRequest, OutputCallback, ProcessHandle, Transport
+from smolvm.transports.base import (
+    GUEST_SHELL,
+    ExecRequest,
+    OutputCallback,
+    ProcessHandle,
+    Transport,
+    host_mode,
+)
 from smolvm.types import CommandResult
 
 #: Seconds the host waits beyond a command's timeout for the agent to report the kill.
@@ -482,13 +489,15 @@ class AgentTransport(Transport):
             self._write(remote, iter(lambda: f.read(1 << 20), b""), mode, fsync=False, make_parents=False)
 
     def download(self, remote: str, local: Path) -> None:
-        """Stream guest ``remote`` to host ``local`` (written atomically, guest mode kept)."""
+        """Stream guest ``remote`` to host ``local`` (written atomically, without following a
+        symlink at ``local``; the guest's mode without setuid/setgid/sticky or group/world
+        write bits, see ``host_mode``)."""
         local = Path(local)
         fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 mode = self._read(remote, f.write)
-            os.chmod(tmp, mode)
+            os.chmod(tmp, host_mode(mode))
             os.replace(tmp, local)
         except BaseException:
             if os.path.exists(tmp):

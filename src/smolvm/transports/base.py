@@ -34,6 +34,16 @@ def guest_argv(command: str, shell: str) -> list[str]:
     raise ValueError(f"shell must be 'login' or 'raw', got {shell!r}")
 
 
+#: Permission bits a downloaded file may keep: the guest is hostile, so never setuid,
+#: setgid, sticky or group/world-writable on the host.
+DOWNLOAD_MODE_MASK = 0o755
+
+
+def host_mode(guest_mode: int) -> int:
+    """The mode a file downloaded from the guest gets on the host."""
+    return guest_mode & DOWNLOAD_MODE_MASK
+
+
 @dataclass
 class ExecRequest:
     """One command to run. ``timeout`` is in seconds (None = no limit)."""

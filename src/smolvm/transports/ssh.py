@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import select
 import shlex
+import tempfile
 import threading
 import time
 import uuid
@@ -32,6 +34,7 @@ from smolvm.transports.base import (
     OutputCallback,
     ProcessHandle,
     Transport,
+    host_mode,
 )
 from smolvm.types import CommandResult
 
@@ -357,16 +360,24 @@ class SSHTransport(Transport):
         self._with_sftp(f"upload {local} -> {remote}", put)
 
     def download(self, remote: str, local: Path) -> None:
+        """Copy guest ``remote`` to host ``local``: written atomically (temporary file +
+        rename, so a symlink at ``local`` is replaced, never followed), with the guest's
+        mode minus setuid/setgid/sticky and group/world write bits (``host_mode``)."""
         local = Path(local)
 
-        def get(sftp: paramiko.SFTPClient) -> int | None:
+        def get(sftp: paramiko.SFTPClient) -> None:
             st = sftp.stat(remote)
-            sftp.get(remote, str(local))
-            return st.st_mode
+            fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    sftp.getfo(remote, f)
+                os.chmod(tmp, host_mode(st.st_mode or 0o644))
+                os.replace(tmp, local)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
-        st_mode = self._with_sftp(f"download {remote} -> {local}", get)
-        if st_mode is not None:
-            local.chmod(st_mode & 0o7777)
+        self._with_sftp(f"download {remote} -> {local}", get)
 
 
 def _split_pub(line: str) -> tuple[str, bytes]:
