@@ -135,6 +135,8 @@ class CommandBlockedError(SmolVMError):
         super().__init__(message, {"vm_id": vm_id, "command": command})
         self.vm_id = vm_id
         self.command = command
+        #: The guard's verdict object, when a built-in guard blocked (rule, reason, ...).
+        self.verdict: Any = None
 
 
 class AgentError(TransportError):

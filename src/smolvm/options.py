@@ -10,7 +10,7 @@ from typing import Any
 
 from smolvm.exceptions import ValidationError
 from smolvm.images.builder import ImageBuilder
-from smolvm.transports.base import ExecRequest
+from smolvm.transports.base import ExecRequest, ShellMode
 from smolvm.types import Limits, VMConfig, WorkspaceMount, validate_env_key
 
 #: Guest operating systems ``os=`` accepts: Debian is the default image (built offline from
@@ -99,4 +99,5 @@ def exec_request(
             raise ValidationError(str(exc), field="env") from None
     if limits is not None and not isinstance(limits, Limits):
         raise ValidationError(f"limits must be a smolvm.Limits, got {type(limits).__name__}", field="limits")
-    return ExecRequest(command, shell, timeout, dict(env or {}), cwd, stdin, limits=limits)  # type: ignore[arg-type]
+    mode: ShellMode = "login" if shell == "login" else "raw"
+    return ExecRequest(command, mode, timeout, dict(env or {}), cwd, stdin, limits=limits)

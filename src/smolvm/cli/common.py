@@ -82,14 +82,17 @@ def usage_error(message: str, remediation: str | None = None) -> CLIError:
     return CLIError(message, remediation, EXIT_USAGE)
 
 
+class _CLIHandler(logging.StreamHandler):
+    """The CLI's own stderr handler (replaced, not stacked, when logging is reconfigured)."""
+
+
 def configure_logging(debug: bool) -> None:
     """SDK log records go to stderr: warnings normally, everything under ``--debug``."""
     logger = logging.getLogger("smolvm")
     for h in list(logger.handlers):
-        if getattr(h, "_smolvm_cli", False):
+        if isinstance(h, _CLIHandler):
             logger.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler._smolvm_cli = True  # type: ignore[attr-defined]
+    handler = _CLIHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter(
             "%(asctime)s %(name)s %(levelname)s: %(message)s" if debug else "%(levelname)s: %(message)s"

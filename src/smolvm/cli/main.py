@@ -20,7 +20,7 @@ from smolvm.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, OPTS, err
 try:  # recent typer vendors click as typer._click; older releases use the click package
     from typer._click import exceptions as click_exc
 except ImportError:  # pragma: no cover - depends on the installed typer
-    from click import exceptions as click_exc  # type: ignore[no-redef]
+    from click import exceptions as click_exc  # type: ignore[no-redef]  # same module, old home
 
 
 class SmolGroup(TyperGroup):

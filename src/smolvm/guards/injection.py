@@ -209,7 +209,7 @@ class PromptInjectionGuard(Callback):
         )
         if verdict.error is not None:
             err.details["classifier_error"] = verdict.error
-        err.verdict = verdict  # type: ignore[attr-defined]
+        err.verdict = verdict
         raise err
 
     def __repr__(self) -> str:

@@ -572,7 +572,7 @@ class SafetyGuard(Callback):
                 subcommand=verdict.subcommand,
                 guard=type(self).__name__,
             )
-            err.verdict = verdict  # type: ignore[attr-defined]
+            err.verdict = verdict
             raise err
 
     def __repr__(self) -> str:
