@@ -467,7 +467,7 @@ class SmolVM:
             self._info = self._manager.get(self.vm_id)
             raise GuestCrashedError(
                 f"VM {self.vm_id} crashed while running the command (its VMM exited; the VM is "
-                f"now {self._info.status.value}). Serial console tail:\n{tail[-1500:]}",
+                f"now {self._info.status.value}). Serial console:\n{tail}",
                 {"vm_id": self.vm_id},
             ) from exc
 

@@ -50,6 +50,8 @@ from smolvm.types import NetworkInfo, VMConfig, VMInfo, VMState
 
 log = logging.getLogger(__name__)
 
+#: Console lines that name a guest crash (the first one found is its headline).
+CRASH_MARKERS = ("Kernel panic", "BUG:", "Oops", "general protection fault", "sysrq", "Out of memory")
 #: Seconds a graceful stop waits for the guest to power off before the VMM is killed.
 STOP_TIMEOUT = 10.0
 #: Seconds a boot (or restore) may take before it counts as failed.
@@ -467,17 +469,22 @@ class Runtime:
 
     def crash_report(self, vm_id: str, grace: float = 1.5) -> str | None:
         """After a channel failed: if the VM's VMM has exited (or does within ``grace``
-        seconds, e.g. after a guest kernel panic), mark the VM ERROR and return the tail
-        of its serial console; None while it still runs."""
+        seconds, e.g. after a guest kernel panic), mark the VM ERROR and return what the
+        console says: the crash's headline (the first "Kernel panic", "BUG:", "Oops" or
+        "sysrq" line) and the console's tail; None while it still runs."""
         rec = self.state.get_vm(vm_id)
         if rec.status not in (VMState.RUNNING, VMState.PAUSED) or not rec.pid:
             return None
         token = resources.process_token(self.state, vm_id)
         if not procs.wait_gone(rec.pid, grace, token):
             return None
-        tail = self.serial_tail(vm_id, 2000)
-        last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")
-        self.state.update_vm(vm_id, status=VMState.ERROR, pid=None, error=f"guest crashed: {last[:300]}")
+        log_tail = self.serial_tail(vm_id, 16000)
+        lines = [ln.strip() for ln in log_tail.splitlines() if ln.strip()]
+        headline = next(
+            (ln for ln in lines if any(m in ln for m in CRASH_MARKERS)), lines[-1] if lines else ""
+        )
+        self.state.update_vm(vm_id, status=VMState.ERROR, pid=None, error=f"guest crashed: {headline[:300]}")
+        tail = f"{headline}\n...\n{log_tail[-1500:]}"
         resources.kill_processes(self.state, vm_id)
         for s in socket_files(self.spec(rec)):
             s.unlink(missing_ok=True)
