@@ -347,3 +347,61 @@ def test_env_survives_stop_start(vms):
     vm.stop()
     vm.start()
     assert vm.run("echo $API_KEY $FROM_CONFIG").output == "secret-123 cfg"
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_output_is_bounded_and_capture_false_keeps_nothing(vm):
+    cap = 1 << 20
+    r = vm.run("yes | head -c 67108864", shell="raw", timeout=120, max_output_bytes=cap)
+    assert r.ok and r.truncated and len(r.stdout_bytes or b"") == cap
+    seen = [0]
+    r = vm.run(
+        "yes | head -c 67108864",
+        shell="raw",
+        timeout=120,
+        capture=False,
+        on_stdout=lambda b: seen.__setitem__(0, seen[0] + len(b)),
+    )
+    assert r.ok and r.stdout == "" and seen[0] == 64 << 20
+    small = vm.run("echo hi", shell="raw")
+    assert small.output == "hi" and not small.truncated
+    with pytest.raises(ValidationError, match="max_output_bytes"):
+        vm.run("true", max_output_bytes=-1)
+
+
+def test_an_output_flood_does_not_grow_the_host(vm):
+    cap = 8 << 20
+    before = _rss_kib()
+    r = vm.run("timeout 8 yes; true", shell="raw", timeout=60, max_output_bytes=cap)
+    grew_mib = (_rss_kib() - before) / 1024
+    assert r.truncated and len(r.stdout_bytes or b"") == cap
+    assert grew_mib < cap / (1 << 20) + 64, f"host RSS grew {grew_mib:.0f} MiB"
+
+
+def test_a_raising_output_callback_stops_the_command(vm):
+    class Stop(Exception):
+        pass
+
+    def cb(chunk: bytes) -> None:
+        raise Stop("enough")
+
+    t0 = time.monotonic()
+    with pytest.raises(Stop):
+        vm.run(
+            "for i in $(seq 200); do echo marker-cb-$i; sleep 0.1; done",
+            shell="raw",
+            timeout=60,
+            on_stdout=cb,
+        )
+    assert time.monotonic() - t0 < 10  # not the 20 s the loop would take
+    end = time.monotonic() + 10
+    while vm.run("ps -o args | grep -c '[m]arker-cb' || true", shell="raw").output != "0":
+        assert time.monotonic() < end, "the command kept running after its callback raised"
+        time.sleep(0.1)
+    assert vm.run("echo still-fine").output == "still-fine"

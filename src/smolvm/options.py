@@ -76,6 +76,11 @@ def sandbox_config(config: VMConfig | None, image_dir: Path, **kw: Any) -> VMCon
     return VMConfig(**{**explicit, **overrides})
 
 
+#: Bytes of each output stream ``run()`` keeps by default (the rest reaches the output
+#: callbacks only; the result says ``truncated``). Enough for a 100 MB build log.
+DEFAULT_MAX_OUTPUT_BYTES = 128 * 1024 * 1024
+
+
 def exec_request(
     command: str,
     timeout: float | None,
@@ -84,6 +89,8 @@ def exec_request(
     cwd: str | None,
     stdin: bytes | None,
     limits: Limits | None,
+    max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES,
+    capture: bool = True,
 ) -> ExecRequest:
     """A validated request for ``run``/``spawn`` (``timeout`` in seconds, None = none)."""
     if not isinstance(command, str) or not command.strip():
@@ -99,5 +106,22 @@ def exec_request(
             raise ValidationError(str(exc), field="env") from None
     if limits is not None and not isinstance(limits, Limits):
         raise ValidationError(f"limits must be a smolvm.Limits, got {type(limits).__name__}", field="limits")
+    if max_output_bytes is not None and (
+        isinstance(max_output_bytes, bool) or not isinstance(max_output_bytes, int) or max_output_bytes < 0
+    ):
+        raise ValidationError(
+            f"max_output_bytes must be an integer >= 0 or None, got {max_output_bytes!r}",
+            field="max_output_bytes",
+        )
     mode: ShellMode = "login" if shell == "login" else "raw"
-    return ExecRequest(command, mode, timeout, dict(env or {}), cwd, stdin, limits=limits)
+    return ExecRequest(
+        command,
+        mode,
+        timeout,
+        dict(env or {}),
+        cwd,
+        stdin,
+        limits=limits,
+        max_output_bytes=max_output_bytes,
+        capture=capture,
+    )

@@ -23,7 +23,7 @@ from smolvm.exceptions import (
     TransportError,
     ValidationError,
 )
-from smolvm.options import exec_request, sandbox_config
+from smolvm.options import DEFAULT_MAX_OUTPUT_BYTES, exec_request, sandbox_config
 from smolvm.runtime import BOOT_TIMEOUT, STOP_TIMEOUT
 from smolvm.runtime.channels import with_scp
 from smolvm.runtime.identity import env_file_text, parse_env_file
@@ -402,6 +402,8 @@ class SmolVM:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         limits: Limits | None = None,
+        max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES,
+        capture: bool = True,
     ) -> CommandResult:
         """Run ``command`` in the guest and wait for it.
 
@@ -413,11 +415,18 @@ class SmolVM:
             on_stdout/on_stderr: called with each output chunk (bytes) as it arrives.
             limits: caps of this command's session (processes, memory, CPU weight; see
                 :class:`Limits`), default ``VMConfig.command_limits`` or the guest's.
+            max_output_bytes: bytes of each stream kept in the result (default 128 MiB;
+                None = all); the rest still reaches the callbacks and ``truncated`` is set.
+            capture: False keeps no output (the callbacks get it all): constant memory for
+                output of any size.
+
+        An exception raised by an output callback stops the command (its whole session
+        is killed) and propagates.
 
         A guest that dies under the command (kernel panic) raises ``GuestCrashedError``
         (the VM is then ERROR; the message ends with its console tail).
         """
-        req = self._request(command, timeout, shell, env, cwd, stdin, limits)
+        req = self._request(command, timeout, shell, env, cwd, stdin, limits, max_output_bytes, capture)
         ctx = RunContext(vm_id=self.vm_id, command=command, shell=shell, timeout=timeout)
         return run_with_callbacks(
             self._callbacks,
@@ -480,9 +489,11 @@ class SmolVM:
         cwd: str | None,
         stdin: bytes | None,
         limits: Limits | None = None,
+        max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES,
+        capture: bool = True,
     ) -> ExecRequest:
         limits = limits if limits is not None else self._info.config.command_limits
-        return exec_request(command, timeout, shell, env, cwd, stdin, limits)
+        return exec_request(command, timeout, shell, env, cwd, stdin, limits, max_output_bytes, capture)
 
     async def arun(
         self, command: str, timeout: float | None = 30, shell: str = "login", **kw: Any

@@ -318,6 +318,7 @@ class CommandResult:
         stderr: standard error decoded likewise.
         duration: wall time of the command in seconds, measured on the host.
         stdout_bytes / stderr_bytes: the raw bytes, for binary output.
+        truncated: output beyond ``max_output_bytes`` (per stream) was not kept.
     """
 
     exit_code: int
@@ -326,6 +327,7 @@ class CommandResult:
     duration: float = 0.0
     stdout_bytes: bytes | None = field(default=None, repr=False, compare=False)
     stderr_bytes: bytes | None = field(default=None, repr=False, compare=False)
+    truncated: bool = False
 
     @property
     def ok(self) -> bool:
@@ -338,7 +340,9 @@ class CommandResult:
         return self.stdout.strip()
 
     @classmethod
-    def from_bytes(cls, exit_code: int, out: bytes, err: bytes, duration: float = 0.0) -> CommandResult:
+    def from_bytes(
+        cls, exit_code: int, out: bytes, err: bytes, duration: float = 0.0, truncated: bool = False
+    ) -> CommandResult:
         return cls(
             exit_code,
             out.decode("utf-8", "replace"),
@@ -346,6 +350,7 @@ class CommandResult:
             duration,
             out,
             err,
+            truncated,
         )
 
 

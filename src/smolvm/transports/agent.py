@@ -147,7 +147,7 @@ def _result(s: ExecStream, req: ExecRequest, duration: float) -> CommandResult:
         raise s.late_error
     if s.callback_error is not None:
         raise s.callback_error
-    return CommandResult.from_bytes(s.exit_code, out, err, duration)
+    return CommandResult.from_bytes(s.exit_code, out, err, duration, s.truncated)
 
 
 class AgentTransport(Transport):
@@ -366,7 +366,8 @@ class AgentTransport(Transport):
                 f"command, cwd and env together exceed {MAX_PAYLOAD} bytes", field="command"
             )
         conn = self._get_conn()
-        stream = ExecStream(on_stdout, on_stderr)
+        keep = 0 if not req.capture else req.max_output_bytes
+        stream = ExecStream(on_stdout, on_stderr, keep=keep)
         sid = conn.open_stream(stream)
         start = time.monotonic()
         conn.send(OP_EXEC, sid, payload)
@@ -390,11 +391,20 @@ class AgentTransport(Transport):
         group; this raises ``OperationTimeoutError`` (partial output in ``.details``)."""
         conn, sid, stream, start = self._start(req, on_stdout, on_stderr)
         limit = None if req.timeout is None else req.timeout + _TIMEOUT_GRACE
+        deadline = None if limit is None else time.monotonic() + limit
         try:
-            finished = stream.done.wait(limit)
+            finished = False
+            while not finished and not stream.abort.is_set():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                finished = stream.done.wait(0.05 if left is None else min(0.05, left))
         except BaseException:  # e.g. KeyboardInterrupt: do not leave the command running
             _abandon(conn, sid)
             raise
+        if not finished and stream.callback_error is not None:  # an output callback raised
+            _abandon(conn, sid)
+            raise stream.callback_error
         if not finished:
             # The agent should have killed it already; do it ourselves and give up.
             _abandon(conn, sid)

@@ -94,12 +94,24 @@ class Stream:
 
 
 class ExecStream(Stream):
-    def __init__(self, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None) -> None:
+    def __init__(
+        self,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+        *,
+        keep: int | None = None,
+    ) -> None:
         super().__init__()
         self.started = threading.Event()
         self.pid: int | None = None
         self.out: list[bytes] = []
         self.err: list[bytes] = []
+        #: Bytes kept per stream (None: all); beyond it output only reaches the callbacks.
+        self.keep = keep
+        self.kept = {OP_STDOUT: 0, OP_STDERR: 0}
+        self.truncated = False
+        #: Set when an output callback raised: the caller stops the command.
+        self.abort = threading.Event()
         self.callbacks = {OP_STDOUT: on_stdout, OP_STDERR: on_stderr}
         self.callback_error: BaseException | None = None
         self.late_error: SmolVMError | None = None
@@ -108,14 +120,20 @@ class ExecStream(Stream):
 
     def on_frame(self, op: int, flags: int, payload: bytes) -> bool:
         if op in (OP_STDOUT, OP_STDERR):
-            (self.out if op == OP_STDOUT else self.err).append(payload)
+            room = len(payload) if self.keep is None else max(0, self.keep - self.kept[op])
+            if room:
+                (self.out if op == OP_STDOUT else self.err).append(payload[:room])
+                self.kept[op] += min(room, len(payload))
+            if room < len(payload):
+                self.truncated = True
             cb = self.callbacks[op]
             if cb is not None and self.callback_error is None:
                 try:
                     cb(payload)
-                except BaseException as exc:  # re-raised to the caller after the command ends
-                    log.warning("output callback raised %r", exc)
+                except BaseException as exc:  # the caller kills the command and re-raises it
+                    log.warning("output callback raised %r; stopping the command", exc)
                     self.callback_error = exc
+                    self.abort.set()
             return False
         if op == OP_STARTED:
             self.pid = struct.unpack_from("<I", payload)[0]

@@ -60,6 +60,11 @@ class ExecRequest:
     limits: Limits | None = None
     #: SmolVM's own work (identity push), not a user command: no session cgroup.
     host_work: bool = False
+    #: Bytes of each output stream kept for the result (None = all); the rest still reaches
+    #: the output callbacks and the result says ``truncated``.
+    max_output_bytes: int | None = None
+    #: False: keep no output at all (callbacks only), for streams of any size.
+    capture: bool = True
 
     @property
     def argv(self) -> list[str]:

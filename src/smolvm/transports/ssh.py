@@ -291,7 +291,13 @@ class SSHTransport(Transport):
         out, err = bytearray(), bytearray()
         deadline = None if req.timeout is None else t0 + req.timeout
         try:
-            _pump(chan, out, err, on_stdout, on_stderr, deadline)
+            truncated = _pump(
+                chan, out, err, on_stdout, on_stderr, deadline, 0 if not req.capture else req.max_output_bytes
+            )
+        except _CallbackFailed as exc:  # the caller's output callback raised: stop the command
+            self._kill(tag)
+            chan.close()
+            raise exc.original from None
         except TimeoutError:
             self._kill(tag)
             # Let the server close the channel first (its CLOSE would otherwise land on the
@@ -313,7 +319,7 @@ class SSHTransport(Transport):
         if code == -1:  # no exit status: the connection (or the wrapper shell) died mid-command
             self._drop()
             raise self._fate_unknown(req, EOFError("the channel closed without an exit status"))
-        return CommandResult.from_bytes(code, bytes(out), bytes(err), time.monotonic() - t0)
+        return CommandResult.from_bytes(code, bytes(out), bytes(err), time.monotonic() - t0, truncated)
 
     def spawn(
         self,
@@ -385,6 +391,14 @@ def _split_pub(line: str) -> tuple[str, bytes]:
     return kind, base64.b64decode(b64)
 
 
+class _CallbackFailed(Exception):
+    """An output callback raised ``original`` (kept apart from connection errors)."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(repr(original))
+        self.original = original
+
+
 def _pump(
     chan: paramiko.Channel,
     out: bytearray,
@@ -392,29 +406,42 @@ def _pump(
     on_out: OutputCallback | None,
     on_err: OutputCallback | None,
     deadline: float | None,
-) -> None:
-    """Read stdout/stderr until both close; raise TimeoutError at ``deadline``."""
+    keep: int | None = None,
+) -> bool:
+    """Read stdout/stderr until both close, keeping at most ``keep`` bytes of each (None:
+    all); raise TimeoutError at ``deadline`` and ``_CallbackFailed`` when a callback
+    raises. Returns whether output was dropped."""
+    truncated = False
+
+    def take(buf: bytearray, b: bytes, cb: OutputCallback | None) -> None:
+        nonlocal truncated
+        room = len(b) if keep is None else max(0, keep - len(buf))
+        if room:
+            buf += b[:room]
+        truncated = truncated or room < len(b)
+        if cb is not None:
+            try:
+                cb(b)
+            except BaseException as exc:
+                raise _CallbackFailed(exc) from exc
+
     while True:
         got = False
         while chan.recv_ready():
             b = chan.recv(1 << 16)
             if not b:
                 break
-            out += b
             got = True
-            if on_out:
-                on_out(b)
+            take(out, b, on_out)
         while chan.recv_stderr_ready():
             b = chan.recv_stderr(1 << 16)
             if not b:
                 break
-            err += b
             got = True
-            if on_err:
-                on_err(b)
+            take(err, b, on_err)
         if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
             if chan.eof_received or chan.closed:
-                return
+                return truncated
         if got:
             continue
         if deadline is not None and time.monotonic() >= deadline:
