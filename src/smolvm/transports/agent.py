@@ -80,7 +80,7 @@ from smolvm.transports.base import (
 from smolvm.types import CommandResult
 
 #: Seconds the host waits beyond a command's timeout for the agent to report the kill.
-_TIMEOUT_GRACE = 5.0
+_TIMEOUT_GRACE = 1.5
 
 
 class AgentProcessHandle(ProcessHandle):

@@ -30,6 +30,9 @@ PROTO_VERSION = 1
 SYNC_MAGIC = b"\x00SMOLVM\x01SYNC\xa5\x5a\xc3\x3c"
 HDR = struct.Struct("<2sBBII")  # b"SV", op, flags, stream id, payload length
 MAX_PAYLOAD = 256 * 1024  # the agent's limit for host -> agent frames
+#: Largest agent -> host frame accepted (the agent sends data in CHUNK frames; replies are
+#: small). A bigger length is a broken or hostile guest: the connection is dropped.
+MAX_IN_PAYLOAD = 1024 * 1024
 CHUNK = 64 * 1024
 # After a host died mid-frame the agent may still expect that frame's payload: this many
 # zero bytes complete any such frame and force the agent to look for SYNC_MAGIC again.
@@ -222,6 +225,11 @@ class Conn:
                     magic, op, flags, sid, n = HDR.unpack_from(data, off)
                     if magic != b"SV":
                         raise TransportError("corrupt frame from the guest agent")
+                    if n > MAX_IN_PAYLOAD:
+                        raise TransportError(
+                            f"the guest agent sent a {n}-byte frame (limit {MAX_IN_PAYLOAD}): "
+                            "connection dropped"
+                        )
                     if len(data) - off < HDR.size + n:
                         break
                     payload = bytes(data[off + HDR.size : off + HDR.size + n])
@@ -236,6 +244,8 @@ class Conn:
             self.kill(exc)
         except OSError as exc:
             self.kill(TransportError(f"guest agent connection failed: {exc}"))
+        except Exception as exc:  # never let the reader die silently: every waiter would hang
+            self.kill(TransportError(f"guest agent connection failed: {exc!r}"))
 
     def _dispatch(self, op: int, flags: int, sid: int, payload: bytes) -> None:
         with self.lock:
@@ -243,7 +253,14 @@ class Conn:
         if stream is None:
             return  # a stale HELLO reply or a stream the caller gave up on
         stream.activity = time.monotonic()
-        if stream.on_frame(op, flags, payload):
+        try:
+            finished = stream.on_frame(op, flags, payload)
+        except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
+            # A malformed payload (too short, bad encoding): the guest is broken or hostile.
+            raise TransportError(
+                f"malformed frame from the guest agent (op 0x{op:02x}, {len(payload)} bytes): {exc}"
+            ) from exc
+        if finished:
             self.drop_stream(sid)
             stream.done.set()
 
