@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 from smolvm import pools, snapshots
@@ -70,19 +69,6 @@ class SmolVMManager(Runtime):
         snapshots.gc_incomplete(self)
         resources.remove_orphans(self.state)
         return stale
-
-    def get_ssh_commands(
-        self,
-        vm_id: str,
-        *,
-        ssh_user: str = "root",
-        key_path: str | Path | None = None,
-        public_host: str | None = None,
-    ) -> dict[str, str]:
-        """Ready-to-run ``ssh`` commands with the VM's host key pinned: "private_ip",
-        "localhost_port" and (with ``public_host``) "public"."""
-        self.state.get_vm(vm_id)  # VMNotFoundError for unknown ids
-        return self.ssh_commands(vm_id, ssh_user=ssh_user, key_path=key_path, public_host=public_host)
 
     # ------------------------------------------------------------------ snapshots & pools
     def snapshot(

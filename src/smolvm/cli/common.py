@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from smolvm.envflags import env_flag
+
 if TYPE_CHECKING:
     from smolvm.smolvm import SmolVM
     from smolvm.vm import SmolVMManager
@@ -65,7 +67,7 @@ class Options:
     debug: bool = False
 
 
-OPTS = Options(debug=os.environ.get("SMOLVM_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"))
+OPTS = Options(debug=env_flag("SMOLVM_DEBUG", False))
 
 
 class CLIError(Exception):

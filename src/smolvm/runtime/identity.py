@@ -131,8 +131,7 @@ def push_identity(
     Three control ops and one command: under TCG every guest code path runs through the
     translator the first time, so fewer, shared paths are what keeps a restore fast."""
     have = have or GuestState()
-    t.sync_time()
-    t.add_entropy(os.urandom(64))
+    refresh_clock_and_entropy(t)
     t.set_hostname(who.hostname)
     env = {"SMOLVM_HOSTKEY": base64.b64encode(who.host_key).decode(), "SMOLVM_HOSTNAME": who.hostname}
     if have.authorized_keys != who.authorized_keys:

@@ -374,7 +374,7 @@ class Runtime:
             time.sleep(0.005)
 
     def fail(self, vm_id: str, reason: str) -> None:
-        """Mark a VM ERROR after a failed start: kill its VMM, remove its sockets."""
+        """Mark a VM ERROR (failed start, crashed guest): kill its VMM, remove its sockets."""
         rec = self.state.get_vm(vm_id)
         resources.kill_processes(self.state, vm_id)
         self.state.update_vm(vm_id, status=VMState.ERROR, pid=None, error=reason)
@@ -483,12 +483,8 @@ class Runtime:
         headline = next(
             (ln for ln in lines if any(m in ln for m in CRASH_MARKERS)), lines[-1] if lines else ""
         )
-        self.state.update_vm(vm_id, status=VMState.ERROR, pid=None, error=f"guest crashed: {headline[:300]}")
-        tail = f"{headline}\n...\n{log_tail[-1500:]}"
-        resources.kill_processes(self.state, vm_id)
-        for s in socket_files(self.spec(rec)):
-            s.unlink(missing_ok=True)
-        return tail
+        self.fail(vm_id, f"guest crashed: {headline[:300]}")
+        return f"{headline}\n...\n{log_tail[-1500:]}"
 
     def mark_dead(self) -> list[str]:
         """Mark VMs whose VMM died as ERROR and clear their sockets; returns their ids."""
@@ -576,7 +572,7 @@ class Runtime:
             if own and t is not None:
                 t.close()
 
-    def ssh_commands(
+    def get_ssh_commands(
         self,
         vm_id: str,
         *,
@@ -584,7 +580,9 @@ class Runtime:
         key_path: str | Path | None = None,
         public_host: str | None = None,
     ) -> dict[str, str]:
-        """Ready-to-run ``ssh`` commands with the VM's host key pinned."""
+        """Ready-to-run ``ssh`` commands with the VM's host key pinned: "private_ip",
+        "localhost_port" and (with ``public_host``) "public" (``VMNotFoundError`` for an
+        unknown id)."""
         key = Path(key_path).expanduser() if key_path else self.keys_dir / "id_ed25519"
         return channels.ssh_commands(
             self.state.get_vm(vm_id),
