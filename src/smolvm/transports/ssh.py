@@ -55,6 +55,8 @@ _STARTED_CHECK = (
 _STARTED_CLEANUP = (
     "(find /run -maxdepth 1 -name 'smolvm-ssh-started.*' -mmin +60 -delete >/dev/null 2>&1 &); "
 )
+#: Seconds a new connection is retried while the guest's server refuses or resets it.
+CONNECT_RETRY_WINDOW = 3.0
 #: Errors paramiko raises when the connection (not a remote file) fails.
 _CONN_ERRORS = (paramiko.SSHException, EOFError, OSError)
 
@@ -109,17 +111,7 @@ class SSHTransport(Transport):
         client.get_host_keys().add(known, self._host_key.get_name(), self._host_key)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
-            client.connect(
-                self.host,
-                self.port,
-                username=self.user,
-                key_filename=str(self.key_path),
-                look_for_keys=False,
-                allow_agent=False,
-                timeout=self.connect_timeout,
-                banner_timeout=self.connect_timeout,
-                auth_timeout=self.connect_timeout,
-            )
+            self._connect_retrying(client)
         except paramiko.BadHostKeyException as exc:
             client.close()
             raise TransportError(
@@ -146,6 +138,39 @@ class SSHTransport(Transport):
         if tr is not None:
             tr.set_keepalive(15)
         return client
+
+    def _connect_retrying(self, client: paramiko.SSHClient) -> None:
+        """``client.connect``, retried for a short window while the server refuses or resets.
+
+        A port forwarder (QEMU's hostfwd, passt) accepts on the host at once and resets the
+        connection when the guest's server is not listening yet, for example while it
+        restarts. Nothing ran in the guest before authentication, so retrying is safe.
+        """
+        deadline = time.monotonic() + min(CONNECT_RETRY_WINDOW, self.connect_timeout)
+        delay = 0.05
+        while True:
+            try:
+                client.connect(
+                    self.host,
+                    self.port,
+                    username=self.user,
+                    key_filename=str(self.key_path),
+                    look_for_keys=False,
+                    allow_agent=False,
+                    timeout=self.connect_timeout,
+                    banner_timeout=self.connect_timeout,
+                    auth_timeout=self.connect_timeout,
+                )
+                return
+            except (paramiko.BadHostKeyException, paramiko.AuthenticationException):
+                raise
+            except (OSError, paramiko.SSHException, EOFError) as exc:
+                if not _refused_or_reset(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.debug("SSH to VM %s: %s; retrying in %.2f s", self.vm_id, exc, delay)
+                client.close()
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     def client(self) -> paramiko.SSHClient:
         with self._lock:
@@ -505,3 +530,15 @@ class SSHProcessHandle(ProcessHandle):
 
 
 __all__ = ["SSHTransport", "SSHProcessHandle"]
+
+
+def _refused_or_reset(exc: BaseException) -> bool:
+    """The server was not there (yet): refused, reset or closed before its banner."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (ConnectionRefusedError, ConnectionResetError, EOFError)):
+            return True
+        if isinstance(seen, paramiko.SSHException) and "protocol banner" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
