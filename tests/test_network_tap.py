@@ -50,6 +50,19 @@ def ruleset_rules() -> list[dict]:
     return [i["rule"] for i in json.loads(out.stdout)["nftables"] if "rule" in i]
 
 
+def input_drops() -> int:
+    rule = next(
+        r
+        for r in rules_in(tapmod.CHAIN_INPUT)
+        if r.get("comment") == tapmod.INPUT_TAG and any("drop" in e for e in r["expr"])
+    )
+    return next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
+
+
+def rules_in(chain: str) -> list[dict]:
+    return [r for r in ruleset_rules() if r.get("table") == tapmod.NFT_TABLE and r["chain"] == chain]
+
+
 def rules_mentioning(*needles: str) -> list[dict]:
     return [r for r in ruleset_rules() if any(n in json.dumps(r) for n in needles)]
 
@@ -177,7 +190,17 @@ def test_allocate_and_release_host_side(tmp_path):
         assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
 
         mine = rules_mentioning(f"smolvm:vm-ta1:{a.tap_device}")
-        assert len(mine) == 4  # 2 DNATs (ssh + 1 forward), loopback SNAT, masquerade
+        nat = [r for r in mine if r["chain"] in (tapmod.CHAIN_OUTPUT, tapmod.CHAIN_POSTROUTING)]
+        assert len(nat) == 4  # 2 DNATs (ssh + 1 forward), loopback SNAT, masquerade
+        # The egress policy: an anti-spoofing rule ahead of the shared input rules, and
+        # forward rules ending in the deny ranges.
+        assert {r["chain"] for r in mine} == {
+            tapmod.CHAIN_OUTPUT,
+            tapmod.CHAIN_POSTROUTING,
+            tapmod.CHAIN_INPUT,
+            tapmod.CHAIN_FORWARD,
+        }
+        assert [r["comment"] for r in rules_in(tapmod.CHAIN_INPUT)][-2:] == [tapmod.INPUT_TAG] * 2
         # Forwards exist only for locally generated packets to 127.0.0.1 (hook output):
         # nothing another machine sends can reach them.
         dnat = [r for r in ruleset_rules() if any("dnat" in e for e in r["expr"])]
@@ -370,9 +393,11 @@ def test_guests_cannot_reach_each_other(tap_pair):
     r = a.run(f"busybox nc -w 2 {b_ip} 22 </dev/null; echo rc=$?", shell="raw", timeout=30)
     assert "SSH-2.0" not in r.stdout
     assert isolation_drops() > before  # dropped by our rule, not lost some other way
-    # ... while each still reaches its own gateway (the host) on the TAP.
+    # The host itself (the gateway) is off-limits too: the shared input rule drops it.
     gw = a.info.network.gateway_ip
-    assert a.run(f"busybox ping -c 1 -W 3 {gw} >/dev/null && echo up", shell="raw").output == "up"
+    drops = input_drops()
+    assert a.run(f"busybox ping -c 1 -W 2 {gw} >/dev/null || echo down", shell="raw").output == "down"
+    assert input_drops() > drops
 
 
 @pytest.mark.root
@@ -426,6 +451,7 @@ def test_restart_recreates_tap_lost_with_a_host_reboot(vms):
     vm.start()
     assert net.tap_device in links() and rules_mentioning(f"smolvm:{vm.vm_id}:")
     assert net.guest_ip in vm.run("ip -4 addr show eth0").output
-    assert vm.run("ping -c1 -W2 " + net.gateway_ip + " >/dev/null && echo up").output == "up"
+    # The TAP carries traffic again: the forward reaches the guest's SSH server.
+    assert ssh_banner("127.0.0.1", net.ssh_host_port).startswith(b"SSH-2.0-")
     vm.delete()
     assert net.tap_device not in links()

@@ -32,7 +32,7 @@ from smolvm.images.builder import ImageBuilder
 from smolvm.pools import WarmPool
 from smolvm.smolvm import SmolVM
 from smolvm.snapshots import SnapshotInfo
-from smolvm.types import CommandResult, Limits, VMConfig, VMInfo, VMState, WorkspaceMount
+from smolvm.types import CommandResult, InternetSettings, Limits, VMConfig, VMInfo, VMState, WorkspaceMount
 from smolvm.vm import SmolVMManager
 
 __version__ = "0.1.0"
@@ -50,6 +50,7 @@ __all__ = [
     "WarmPool",
     "SnapshotInfo",
     "Limits",
+    "InternetSettings",
     "WorkspaceMount",
     "SmolVMError",
     "ValidationError",

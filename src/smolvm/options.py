@@ -56,6 +56,7 @@ def sandbox_config(config: VMConfig | None, image_dir: Path, **kw: Any) -> VMCon
         "vcpu_count": kw.get("vcpu_count"),
         "env_vars": kw.get("env_vars"),
         "comm_channel": kw.get("comm_channel"),
+        "internet_settings": kw.get("internet_settings"),
     }
     mounts = parse_mounts(kw.get("mounts"), writable=bool(kw.get("writable_mounts")))
     if mounts:

@@ -37,6 +37,7 @@ from smolvm.transports.base import (
 )
 from smolvm.types import (
     CommandResult,
+    InternetSettings,
     Limits,
     VMConfig,
     VMInfo,
@@ -94,6 +95,7 @@ class SmolVM:
         os: str | None = None,
         mounts: Sequence[str | WorkspaceMount] | None = None,
         writable_mounts: bool = False,
+        internet_settings: InternetSettings | dict[str, Any] | None = None,
         _vm_id: str | None = None,
     ) -> None:
         self._callbacks: list[Callback] = []
@@ -128,6 +130,7 @@ class SmolVM:
             os=os,
             mounts=mounts,
             writable_mounts=writable_mounts,
+            internet_settings=internet_settings,
         )
         self._owned = True
         self._info = self._create(config, pool, cold_boot)
@@ -554,6 +557,24 @@ class SmolVM:
         """Copy a guest file to the host (streamed, written atomically; keeps its
         permissions except setuid/setgid/sticky and group/world write bits)."""
         self._channel().download(guest_path, Path(local_path).expanduser())
+
+    # ------------------------------------------------------------------ ports
+    def expose_local(self, guest_port: int, host_port: int | None = None) -> int:
+        """Serve the guest's TCP ``guest_port`` on the host's ``127.0.0.1:host_port`` (a
+        free port when None); returns the host port. Kept across stop/start, removed by
+        :meth:`unexpose_local` and delete. Never bound on other interfaces."""
+        port = self._manager.expose_local(self.vm_id, guest_port, host_port)
+        self.refresh()
+        return port
+
+    def unexpose_local(self, host_port: int) -> None:
+        """Remove the forward of ``host_port`` made by :meth:`expose_local`."""
+        self._manager.unexpose_local(self.vm_id, host_port)
+        self.refresh()
+
+    def exposed_ports(self) -> dict[int, int]:
+        """``{host_port: guest_port}`` of the VM's forwards on 127.0.0.1 (SSH excluded)."""
+        return self._manager.exposed_ports(self.vm_id)
 
     # ------------------------------------------------------------------ SSH strings
     def ssh_commands(

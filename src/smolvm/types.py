@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -159,6 +160,93 @@ class WorkspaceMount(_Model):
         )
 
 
+_DOMAIN_RE = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+MAX_POLICY_ENTRIES = 256
+
+
+class InternetSettings(_Model):
+    """What a sandbox may reach on the network, enforced by the host (never the guest).
+
+    Whatever the settings, a guest never reaches the host itself (its loopback or any of
+    its addresses), other sandboxes, link-local addresses (cloud metadata) or private and
+    shared ranges, unless ``allowed_cidrs`` names a range explicitly.
+
+    - ``allowed_domains``: ``["*"]`` (default) is the public internet; ``[]`` is no egress
+      at all. A list of names (``"pypi.org"``, ``"*.example.com"``) allows exactly those
+      names over HTTP (port 80) and HTTPS (port 443), checked by the host against the HTTP
+      ``Host`` header and the TLS SNI; nothing else leaves the sandbox.
+    - ``allowed_cidrs``: extra IP ranges the guest may reach on any port (also private ones,
+      e.g. ``"10.1.2.0/24"`` for a company mirror).
+    - ``dns_servers``: the resolvers the host side uses for the guest's DNS (default: the
+      host's own resolver, reached through the uplink).
+    """
+
+    allowed_domains: list[str] = Field(default_factory=lambda: ["*"])
+    allowed_cidrs: list[str] = Field(default_factory=list)
+    dns_servers: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_domains")
+    @classmethod
+    def _check_domains(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_POLICY_ENTRIES:
+            raise ValueError(f"at most {MAX_POLICY_ENTRIES} allowed_domains, got {len(v)}")
+        out: list[str] = []
+        for d in v:
+            name = str(d).strip().lower().rstrip(".")
+            if name == "*":
+                if len(v) != 1:
+                    raise ValueError('"*" (the public internet) cannot be combined with names')
+            elif len(name) > 253 or not _DOMAIN_RE.match(name):
+                raise ValueError(
+                    f"allowed_domains entry {d!r} is not a host name: use names like "
+                    '"pypi.org" or "*.example.com", "*" alone for the public internet, [] for none'
+                )
+            if name not in out:
+                out.append(name)
+        return out
+
+    @field_validator("allowed_cidrs")
+    @classmethod
+    def _check_cidrs(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_POLICY_ENTRIES:
+            raise ValueError(f"at most {MAX_POLICY_ENTRIES} allowed_cidrs, got {len(v)}")
+        out = []
+        for c in v:
+            try:
+                out.append(str(ipaddress.ip_network(str(c).strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"allowed_cidrs entry {c!r} is not an IP range like 10.1.2.0/24") from None
+        return out
+
+    @field_validator("dns_servers")
+    @classmethod
+    def _check_dns(cls, v: list[str]) -> list[str]:
+        if len(v) > 3:
+            raise ValueError(f"at most 3 dns_servers (resolv.conf's limit), got {len(v)}")
+        out = []
+        for a in v:
+            try:
+                out.append(str(ipaddress.ip_address(str(a).strip())))
+            except ValueError:
+                raise ValueError(f"dns_servers entry {a!r} is not an IP address") from None
+        return out
+
+    @property
+    def internet(self) -> bool:
+        """Any egress at all."""
+        return bool(self.allowed_domains or self.allowed_cidrs)
+
+    @property
+    def open_internet(self) -> bool:
+        """``allowed_domains == ["*"]``: any public address."""
+        return self.allowed_domains == ["*"]
+
+    @property
+    def domains(self) -> list[str]:
+        """The named domains (empty for ``["*"]`` and ``[]``)."""
+        return [d for d in self.allowed_domains if d != "*"]
+
+
 class VMConfig(_Model):
     """Configuration of one microVM.
 
@@ -189,6 +277,8 @@ class VMConfig(_Model):
     workspace_mounts: list[WorkspaceMount] = Field(default_factory=list)
     #: Default caps of every command session (``run(..., limits=...)`` overrides per call).
     command_limits: Limits | None = None
+    #: Egress policy, enforced by the host (see :class:`InternetSettings`).
+    internet_settings: InternetSettings = Field(default_factory=InternetSettings)
 
     @field_validator("comm_channel", mode="before")
     @classmethod

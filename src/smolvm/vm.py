@@ -13,7 +13,7 @@ from typing import Any
 
 from smolvm import pools, snapshots
 from smolvm.exceptions import VMNotFoundError
-from smolvm.runtime import BOOT_TIMEOUT, Runtime, resources
+from smolvm.runtime import BOOT_TIMEOUT, Runtime, ports, resources
 from smolvm.snapshots import SnapshotInfo
 from smolvm.transports.base import Transport
 from smolvm.types import VMConfig, VMInfo
@@ -69,6 +69,18 @@ class SmolVMManager(Runtime):
         snapshots.gc_incomplete(self)
         resources.remove_orphans(self.state)
         return stale
+
+    # ------------------------------------------------------------------ ports
+    def expose_local(self, vm_id: str, guest_port: int, host_port: int | None = None) -> int:
+        """Forward ``127.0.0.1:host_port`` (free port when None) to the guest's TCP
+        ``guest_port``; live on a running VM, kept across restarts. Returns the host port."""
+        return ports.expose(self, vm_id, guest_port, host_port)
+
+    def unexpose_local(self, vm_id: str, host_port: int) -> None:
+        ports.unexpose(self, vm_id, host_port)
+
+    def exposed_ports(self, vm_id: str) -> dict[int, int]:
+        return ports.exposed(self, vm_id)
 
     # ------------------------------------------------------------------ snapshots & pools
     def snapshot(

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from smolvm.exceptions import SnapshotError
+from smolvm.exceptions import NetworkError, SnapshotError
+from smolvm.network.sandbox import NetSandbox
 
 
 @dataclass
@@ -32,6 +33,8 @@ class NetSpec:
     #: user mode: (host_port, guest_port) forwards, always bound on 127.0.0.1.
     forwards: list[tuple[int, int]] = field(default_factory=list)
     tap_device: str | None = None
+    #: user mode: the sealed network namespace the VMM runs in (see ``network.sandbox``).
+    sandbox: NetSandbox | None = None
 
 
 @dataclass
@@ -122,7 +125,8 @@ def socket_files(spec: LaunchSpec) -> list[Path]:
     """Every file the VM has in the socket directory: control and agent sockets and the
     agent ports' lock files (what stop/delete/reconcile unlink)."""
     agents = agent_sockets(spec)
-    return [spec.control_socket, *agents, *(agent_lock_path(s) for s in agents)]
+    extra = [spec.net.sandbox.api_socket] if spec.net and spec.net.sandbox else []
+    return [spec.control_socket, *agents, *(agent_lock_path(s) for s in agents), *extra]
 
 
 class Backend(abc.ABC):
@@ -180,3 +184,11 @@ class Backend(abc.ABC):
         """Load ``spec.incoming`` into a VM launched with it (``timeout`` seconds), then
         run it when ``cont`` (else it stays paused)."""
         raise SnapshotError(f"the {self.name} backend cannot restore snapshots; use backend='qemu'")
+
+    def add_forward(self, spec: LaunchSpec, host_port: int, guest_port: int) -> None:
+        """User mode: forward ``host_port`` (127.0.0.1) to ``guest_port`` on a running VM."""
+        raise NetworkError(f"the {self.name} backend cannot add forwards to a running VM's user-mode network")
+
+    def remove_forward(self, spec: LaunchSpec, host_port: int) -> None:
+        """User mode: remove the forward of ``host_port`` from a running VM."""
+        raise NetworkError(f"the {self.name} backend cannot remove forwards from a running VM")

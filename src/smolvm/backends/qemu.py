@@ -18,7 +18,8 @@ from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from smolvm.backends.base import Backend, LaunchSpec, agent_sockets
-from smolvm.exceptions import BackendError, OperationTimeoutError
+from smolvm.exceptions import BackendError, NetworkError, OperationTimeoutError
+from smolvm.network import sandbox
 
 QEMU_BIN = "qemu-system-x86_64"
 
@@ -223,7 +224,7 @@ class QemuBackend(Backend):
             ]
         if spec.net is not None:
             if spec.net.mode == "user":
-                fwd = "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in spec.net.forwards)
+                fwd = "".join(f",hostfwd=tcp:{_fwd_addr(spec)}:{h}-:{g}" for h, g in spec.net.forwards)
                 a += ["-netdev", f"user,id=n0{fwd}"]
             else:
                 a += ["-netdev", f"tap,id=n0,ifname={spec.net.tap_device},script=no,downscript=no"]
@@ -251,7 +252,10 @@ class QemuBackend(Backend):
             sock.unlink(missing_ok=True)
         argv = self.argv(spec)
         (spec.vm_dir / "qemu.argv").write_text(json.dumps(argv))
-        proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if spec.net is not None and spec.net.sandbox is not None:
+            proc = sandbox.launch(argv, spec.net.sandbox)
+        else:
+            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             raise BackendError(
                 f"QEMU failed to start VM {spec.vm_id}: {proc.stderr.strip()[-1000:]}",
@@ -263,6 +267,20 @@ class QemuBackend(Backend):
             return int(pidfile.read_text().strip())
         except (OSError, ValueError) as exc:
             raise BackendError(f"QEMU started but wrote no pidfile {pidfile}") from exc
+
+    def add_forward(self, spec: LaunchSpec, host_port: int, guest_port: int) -> None:
+        _hmp(spec, f"hostfwd_add n0 tcp:{_fwd_addr(spec)}:{int(host_port)}-:{int(guest_port)}")
+        if spec.net is not None and spec.net.sandbox is not None:
+            try:
+                sandbox.add_forward(spec.net.sandbox.api_socket, host_port)
+            except NetworkError:
+                _hmp(spec, f"hostfwd_remove n0 tcp:{_fwd_addr(spec)}:{int(host_port)}", ok="removed")
+                raise
+
+    def remove_forward(self, spec: LaunchSpec, host_port: int) -> None:
+        if spec.net is not None and spec.net.sandbox is not None:
+            sandbox.remove_forward(spec.net.sandbox.api_socket, host_port)
+        _hmp(spec, f"hostfwd_remove n0 tcp:{_fwd_addr(spec)}:{int(host_port)}", ok="removed")
 
     def request_shutdown(self, spec: LaunchSpec) -> None:
         try:
@@ -339,3 +357,16 @@ class QemuBackend(Backend):
                 )
             if cont and st != "running":
                 q.execute("cont")
+
+
+def _fwd_addr(spec: LaunchSpec) -> str:
+    """Where QEMU's hostfwd listens: 127.0.0.1 on the host, or (sealed) every address of the
+    VM's own namespace, which only the uplink's forwards reach."""
+    return "" if spec.net is not None and spec.net.sandbox is not None else "127.0.0.1"
+
+
+def _hmp(spec: LaunchSpec, command: str, ok: str = "") -> None:
+    """A monitor command through QMP; QEMU reports errors as text (any text without ``ok``)."""
+    out = qmp(spec.control_socket, "human-monitor-command", timeout=5.0, **{"command-line": command})
+    if isinstance(out, str) and out.strip() and not (ok and ok in out):
+        raise NetworkError(f"QEMU {command.split()[0]}: {out.strip()[:300]}")

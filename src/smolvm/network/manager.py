@@ -7,7 +7,7 @@ from __future__ import annotations
 from smolvm.network.ports import mac_for, reserve_ports
 from smolvm.network.tap import allocate_tap, guest_dns, prefix_of, release_tap
 from smolvm.state import StateStore
-from smolvm.types import NetworkInfo
+from smolvm.types import InternetSettings, NetworkInfo
 
 USER_GUEST_IP = "10.0.2.15"
 USER_GATEWAY = "10.0.2.2"
@@ -21,11 +21,13 @@ class NetworkManager:
     def __init__(self, state: StateStore) -> None:
         self.state = state
 
-    def allocate(self, vm_id: str, mode: str, forwards: dict[int, int]) -> NetworkInfo:
+    def allocate(
+        self, vm_id: str, mode: str, forwards: dict[int, int], settings: InternetSettings | None = None
+    ) -> NetworkInfo:
         if mode == "none":
             return NetworkInfo(mode="none")
         if mode == "tap":
-            return allocate_tap(self.state, vm_id, forwards)
+            return allocate_tap(self.state, vm_id, forwards, settings)
         ssh_port = reserve_ports(self.state, vm_id, forwards)
         return NetworkInfo(
             mode="user",
@@ -38,16 +40,14 @@ class NetworkManager:
         )
 
     @staticmethod
-    def kernel_arg(net: NetworkInfo) -> str | None:
+    def kernel_arg(net: NetworkInfo, settings: InternetSettings | None = None) -> str | None:
         if net.mode == "none" or not net.guest_ip:
             return None
         if net.mode == "tap":
-            return (
-                f"smolvm.net={net.guest_ip}/{prefix_of(net.netmask)},{net.gateway_ip},"
-                f"{guest_dns(net.gateway_ip)}"
-            )
-        dns = USER_DNS if net.mode == "user" else net.gateway_ip
-        return f"smolvm.net={net.guest_ip}/{USER_PREFIX},{net.gateway_ip},{dns}"
+            v4 = [d for d in (settings.dns_servers if settings else []) if "." in d]
+            tap_dns = v4[0] if v4 else guest_dns(net.gateway_ip)
+            return f"smolvm.net={net.guest_ip}/{prefix_of(net.netmask)},{net.gateway_ip},{tap_dns}"
+        return f"smolvm.net={net.guest_ip}/{USER_PREFIX},{net.gateway_ip},{USER_DNS}"
 
     def release(self, vm_id: str, net: NetworkInfo) -> None:
         if net.mode == "tap":

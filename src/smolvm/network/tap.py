@@ -43,9 +43,10 @@ from typing import Any
 
 from smolvm.exceptions import NetworkError
 from smolvm.locks import file_lock
+from smolvm.network import policy
 from smolvm.network.ports import mac_for, reserve_ports
 from smolvm.state import StateStore
-from smolvm.types import NetworkInfo
+from smolvm.types import InternetSettings, NetworkInfo
 
 log = logging.getLogger("smolvm.network")
 
@@ -59,7 +60,10 @@ NFT_TABLE = "smolvm"
 CHAIN_OUTPUT = "nat_output"
 CHAIN_POSTROUTING = "nat_postrouting"
 CHAIN_FORWARD = "forward"
+CHAIN_INPUT = "input"
 ISOLATE_TAG = "smolvm:isolate"
+INPUT_TAG = "smolvm:input"
+SHARED_TAGS = (ISOLATE_TAG, INPUT_TAG)
 LOCK_PATH = Path("/run/smolvm/tap.lock")
 CAP_NET_ADMIN = 12
 
@@ -230,6 +234,18 @@ def _base_objects() -> list[dict[str, Any]]:
             "add": {
                 "chain": {
                     **t,
+                    "name": CHAIN_INPUT,
+                    "type": "filter",
+                    "hook": "input",
+                    "prio": 0,
+                    "policy": "accept",
+                }
+            }
+        },
+        {
+            "add": {
+                "chain": {
+                    **t,
                     "name": CHAIN_FORWARD,
                     "type": "filter",
                     "hook": "forward",
@@ -243,18 +259,7 @@ def _base_objects() -> list[dict[str, Any]]:
 
 def vm_rules(tag: str, tap: str, guest: str, gateway: str, forwards: dict[int, int]) -> list[dict[str, Any]]:
     """nftables commands adding one VM's rules (``forwards``: 127.0.0.1 port → guest port)."""
-    out = []
-    for host_port, guest_port in forwards.items():
-        out.append(
-            _rule(
-                CHAIN_OUTPUT,
-                tag,
-                _m(_field("ip", "daddr"), "127.0.0.1"),
-                _m(_meta("l4proto"), "tcp"),
-                _m(_field("tcp", "dport"), int(host_port)),
-                {"dnat": {"addr": guest, "port": int(guest_port)}},
-            )
-        )
+    out = [_forward_rule(tag, guest, h, g) for h, g in forwards.items()]
     # Loopback-sourced packets redirected into the TAP: the guest must answer the gateway.
     out.append(
         _rule(
@@ -278,6 +283,34 @@ def vm_rules(tag: str, tap: str, guest: str, gateway: str, forwards: dict[int, i
     return out
 
 
+def _forward_rule(tag: str, guest: str, host_port: int, guest_port: int) -> dict[str, Any]:
+    return _rule(
+        CHAIN_OUTPUT,
+        tag,
+        _m(_field("ip", "daddr"), "127.0.0.1"),
+        _m(_meta("l4proto"), "tcp"),
+        _m(_field("tcp", "dport"), int(host_port)),
+        {"dnat": {"addr": guest, "port": int(guest_port)}},
+    )
+
+
+def _shared_rules(existing: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rules all TAP VMs share, unless the table has them already."""
+    tags = {r.get("comment") for r in existing}
+    out = [] if ISOLATE_TAG in tags else [_isolation_rule()]
+    if INPUT_TAG not in tags:
+        out += policy.tap_input_rules(NFT_TABLE, CHAIN_INPUT, INPUT_TAG, TAP_PREFIX)
+    return out
+
+
+def policy_rules(tag: str, tap: str, guest: str, settings: InternetSettings) -> list[dict[str, Any]]:
+    """One VM's egress policy (see :func:`policy.tap_vm_rules`)."""
+    dns = settings.dns_servers or [guest_dns(None)]
+    return policy.tap_vm_rules(
+        NFT_TABLE, CHAIN_INPUT, CHAIN_FORWARD, tag, tap, guest, settings, [d for d in dns if d]
+    )
+
+
 def _isolation_rule() -> dict[str, Any]:
     return _rule(
         CHAIN_FORWARD,
@@ -298,7 +331,7 @@ def delete_nft_rules(tag: str) -> None:
             if rules is None:
                 return
             mine = [r for r in rules if r.get("comment") == tag]
-            others = [r for r in rules if r.get("comment") not in (tag, ISOLATE_TAG)]
+            others = [r for r in rules if r.get("comment") not in (tag, *SHARED_TAGS)]
             cmds: list[dict[str, Any]] = [
                 {
                     "delete": {
@@ -410,7 +443,9 @@ def _take_lease(state: StateStore, vm_id: str, avoid: list[ipaddress.IPv4Network
 
 
 # ---------------------------------------------------------------------------- public API
-def allocate_tap(state: StateStore, vm_id: str, forwards: dict[int, int]) -> NetworkInfo:
+def allocate_tap(
+    state: StateStore, vm_id: str, forwards: dict[int, int], settings: InternetSettings | None = None
+) -> NetworkInfo:
     """Lease a /30, create the VM's TAP and its NAT/forward rules; return how to reach it."""
     require_root()
     _nft_bin()
@@ -434,11 +469,9 @@ def allocate_tap(state: StateStore, vm_id: str, forwards: dict[int, int]) -> Net
             ssh_port = reserve_ports(state, vm_id, forwards)
 
             all_fwd = {ssh_port: 22, **{int(h): int(g) for h, g in forwards.items()}}
-            cmds = _base_objects()
-            existing = nft_rules() or []
-            if not any(r.get("comment") == ISOLATE_TAG for r in existing):
-                cmds.append(_isolation_rule())
+            cmds = _base_objects() + _shared_rules(nft_rules() or [])
             cmds += vm_rules(tag, tap, guest, gateway, all_fwd)
+            cmds += policy_rules(tag, tap, guest, settings or InternetSettings())
             state.add_resource(vm_id, "nft", tag)
             nft_apply(cmds)
             _set_sysctl("net/ipv4/ip_forward", "1")
@@ -461,6 +494,53 @@ def allocate_tap(state: StateStore, vm_id: str, forwards: dict[int, int]) -> Net
     )
 
 
+def add_forward(state: StateStore, vm_id: str, net: NetworkInfo, host_port: int, guest_port: int) -> None:
+    """Add ``127.0.0.1:host_port`` → guest ``guest_port`` to a running TAP VM."""
+    if not net.tap_device or not net.guest_ip:
+        raise NetworkError(f"VM {vm_id} has no TAP lease recorded; delete and re-create it")
+    tag = rule_tag(vm_id, net.tap_device)
+    with host_lock():
+        state.add_resource(vm_id, "nft", tag)
+        nft_apply([_forward_rule(tag, net.guest_ip, host_port, guest_port)])
+
+
+def remove_forward(vm_id: str, net: NetworkInfo, host_port: int) -> None:
+    """Remove the DNAT rule of ``host_port`` from a TAP VM (idempotent)."""
+    if not net.tap_device:
+        return
+    tag = rule_tag(vm_id, net.tap_device)
+    with host_lock():
+        mine = [
+            r
+            for r in nft_rules() or []
+            if r.get("comment") == tag and r.get("chain") == CHAIN_OUTPUT and _dport_of(r) == host_port
+        ]
+        if mine:
+            nft_apply(
+                [
+                    {
+                        "delete": {
+                            "rule": {
+                                "family": NFT_FAMILY,
+                                "table": NFT_TABLE,
+                                "chain": r["chain"],
+                                "handle": r["handle"],
+                            }
+                        }
+                    }
+                    for r in mine
+                ]
+            )
+
+
+def _dport_of(rule: dict[str, Any]) -> int | None:
+    for e in rule.get("expr", []):
+        m = e.get("match") if isinstance(e, dict) else None
+        if m and m.get("left") == _field("tcp", "dport"):
+            return int(m["right"])
+    return None
+
+
 def remove_resource(kind: str, value: str) -> None:
     """Undo one recorded host resource of kind ``tap``, ``nft`` or ``lease`` (idempotent).
     A lease is only a state row: its address disappears with the TAP."""
@@ -480,7 +560,9 @@ def release_tap(state: StateStore, vm_id: str, net: NetworkInfo | None = None) -
         state.remove_resource(r["kind"], r["value"])
 
 
-def ensure_tap(state: StateStore, vm_id: str, net: NetworkInfo) -> None:
+def ensure_tap(
+    state: StateStore, vm_id: str, net: NetworkInfo, settings: InternetSettings | None = None
+) -> None:
     """Before (re)starting a TAP VM: re-create its device and rules if they are gone (e.g.
     after a host reboot), from the lease and forwards already recorded in state."""
     if not net.tap_device or not net.gateway_ip or not net.guest_ip:
@@ -496,9 +578,9 @@ def ensure_tap(state: StateStore, vm_id: str, net: NetworkInfo) -> None:
         _create_tap(ipr, net.tap_device, net.gateway_ip, prefix_of(net.netmask))
         fwd = {net.ssh_host_port: 22} if net.ssh_host_port else {}
         fwd.update({int(h): int(g) for h, g in net.port_forwards.items()})
-        cmds = _base_objects()
-        if not any(r.get("comment") == ISOLATE_TAG for r in nft_rules() or []):
-            cmds.append(_isolation_rule())
+        cmds = _base_objects() + _shared_rules(nft_rules() or [])
+        cmds += vm_rules(tag, net.tap_device, net.guest_ip, net.gateway_ip, fwd)
+        cmds += policy_rules(tag, net.tap_device, net.guest_ip, settings or InternetSettings())
         state.add_resource(vm_id, "nft", tag)
-        nft_apply(cmds + vm_rules(tag, net.tap_device, net.guest_ip, net.gateway_ip, fwd))
+        nft_apply(cmds)
         _set_sysctl("net/ipv4/ip_forward", "1")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from smolvm import procs
 from smolvm.backends import get_backend, resolve_backend
-from smolvm.backends.base import Backend, LaunchSpec, MemorySpec, agent_sockets, socket_files
+from smolvm.backends.base import Backend, LaunchSpec, MemorySpec, socket_files
 from smolvm.exceptions import (
     BackendError,
     InvalidStateError,
@@ -238,7 +238,7 @@ class Runtime:
             self.init_vm_dir(vm_id, hk)
             self.state.add_resource(vm_id, "disk", str(disk))
             make_disk()
-            net = self.network.allocate(vm_id, config.network, config.port_forwards)
+            net = self.network.allocate(vm_id, config.network, config.port_forwards, config.internet_settings)
             if mac:
                 net = net.model_copy(update={"mac_address": mac})
             self.state.update_vm(vm_id, network=net)
@@ -293,7 +293,7 @@ class Runtime:
             self.state.update_vm(vm_id, accelerator=accel, accelerator_reason=reason)
             rec = self.state.get_vm(vm_id)
         if rec.network.mode == "tap":
-            ensure_tap(self.state, vm_id, rec.network)
+            ensure_tap(self.state, vm_id, rec.network, rec.config.internet_settings)
         spec = self.spec(rec)
         self.write_config_disk(rec, spec)
         return self.launch(rec, spec, boot_timeout)
@@ -320,8 +320,13 @@ class Runtime:
         marker unless ``spec.incoming`` (a restore: the snapshot layer loads the state)."""
         vm_id = rec.vm_id
         backend = self.backend_for(rec.backend)
-        for s in (spec.control_socket, *agent_sockets(spec)):
-            self.state.add_resource(vm_id, "socket", str(s))
+        for s in socket_files(spec):
+            if s.name.endswith(".sock"):
+                self.state.add_resource(vm_id, "socket", str(s))
+        if spec.net is not None and spec.net.sandbox is not None:
+            spec.net.sandbox.record_helper = lambda pid: self.state.add_resource(
+                vm_id, "helper", procs.process_token(pid)
+            )
         offset = spec.serial_log.stat().st_size if spec.serial_log.exists() else 0
         self.state.update_vm(vm_id, error=None)
         if spec.memory is None and backend.supports_memory_file:
@@ -502,10 +507,11 @@ class Runtime:
             spec = self.spec(rec)
             for s in socket_files(spec):
                 s.unlink(missing_ok=True)
-            for s in (spec.control_socket, *agent_sockets(spec)):
                 self.state.remove_resource("socket", str(s))
             if token:
                 self.state.remove_resource("process", token)
+            for r in self.state.resources(rec.vm_id, "helper"):
+                resources.remove(self.state, r)  # the VMM's uplink dies with it; make sure
         return stale
 
     # ------------------------------------------------------------------ channels & misc

@@ -13,7 +13,7 @@ from smolvm.backends.base import agent_lock_path
 from smolvm.network import tap
 from smolvm.state import StateStore
 
-KINDS = ("process", "socket", "file", "disk", "dir", "tap", "nft", "lease")
+KINDS = ("process", "helper", "socket", "file", "disk", "dir", "tap", "nft", "lease")
 
 
 def process_token(state: StateStore, vm_id: str) -> str | None:
@@ -24,7 +24,7 @@ def process_token(state: StateStore, vm_id: str) -> str | None:
 def remove(state: StateStore, r: dict[str, Any], *, keep_disk: bool = False) -> None:
     """Remove one recorded resource from the host, then from the ledger."""
     kind, value = r["kind"], r["value"]
-    if kind == "process":
+    if kind in ("process", "helper"):
         pid = int(value.split(":")[0])
         procs.kill(pid, value)
         procs.wait_gone(pid, 5.0, value)
@@ -45,8 +45,9 @@ def remove(state: StateStore, r: dict[str, Any], *, keep_disk: bool = False) -> 
 
 def kill_processes(state: StateStore, vm_id: str) -> None:
     """Kill the VM's recorded processes (waiting until they are gone) and forget them."""
-    for r in state.resources(vm_id, "process"):
-        remove(state, r)
+    for kind in ("process", "helper"):
+        for r in state.resources(vm_id, kind):
+            remove(state, r)
 
 
 def remove_all(state: StateStore, vm_id: str, *, keep_disk: bool = False) -> None:

@@ -8,6 +8,7 @@ from smolvm.backends.base import Backend, DiskSpec, LaunchSpec, NetSpec, ShareSp
 from smolvm.host.tsc import host_tsc_khz
 from smolvm.images.artifacts import artifacts_for_kernel
 from smolvm.network import NetworkManager
+from smolvm.network.sandbox import NetSandbox
 from smolvm.state.records import VMRecord
 
 READY_MARKER = b"SMOLVM_READY"
@@ -36,7 +37,13 @@ def launch_spec(rec: VMRecord, backend: Backend, *, vm_dir: Path, socket_dir: Pa
     netspec = None
     if net.mode == "user":
         fwd = [(net.ssh_host_port or 0, 22), *((h, g) for h, g in net.port_forwards.items())]
-        netspec = NetSpec("user", net.mac_address or DEFAULT_MAC, fwd)
+        sealed = NetSandbox(
+            dir=vm_dir,
+            api_socket=socket_dir / f"smolvm-{rec.vm_id}.net.sock",
+            settings=cfg.internet_settings,
+            forwards=[h for h, _ in fwd if h],
+        )
+        netspec = NetSpec("user", net.mac_address or DEFAULT_MAC, fwd, sandbox=sealed)
     elif net.mode == "tap":
         netspec = NetSpec("tap", net.mac_address or DEFAULT_MAC, [], net.tap_device)
     disks = [
@@ -47,7 +54,7 @@ def launch_spec(rec: VMRecord, backend: Backend, *, vm_dir: Path, socket_dir: Pa
     initrd = cfg.initrd_path or (art.initrd if art else None)
     args = [f"tsc_early_khz={khz}"] if (khz := host_tsc_khz()) else []
     args += FAST_BOOT_ARGS.split()
-    if (narg := NetworkManager.kernel_arg(net)) is not None:
+    if (narg := NetworkManager.kernel_arg(net, cfg.internet_settings)) is not None:
         args.append(narg)
     base_mib = (art.manifest.get("rootfs_size_mib") if art else None) or 0
     if cfg.disk_size_mib and cfg.disk_size_mib > base_mib:

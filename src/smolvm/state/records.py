@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from smolvm.types import NetworkInfo, VMConfig, VMInfo, VMState, WorkspaceMount
+from smolvm.types import InternetSettings, NetworkInfo, VMConfig, VMInfo, VMState, WorkspaceMount
 
 
 def decode_config(data: dict[str, Any]) -> VMConfig:
@@ -19,6 +19,7 @@ def decode_config(data: dict[str, Any]) -> VMConfig:
         WorkspaceMount.model_construct(None, **{**m, "host_path": Path(m["host_path"])})
         for m in data.get("workspace_mounts") or []
     ]
+    fields["internet_settings"] = InternetSettings(**(data.get("internet_settings") or {}))
     return VMConfig.model_construct(None, **fields)
 
 

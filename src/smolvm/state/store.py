@@ -210,6 +210,13 @@ class StateStore:
     def ports(self, vm_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in self.connect().execute("SELECT * FROM ports WHERE vm_id=?", (vm_id,))]
 
+    def release_port(self, vm_id: str, port: int) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM ports WHERE vm_id=? AND port=?", (vm_id, port))
+            conn.execute(
+                "DELETE FROM resources WHERE vm_id=? AND kind='port' AND value=?", (vm_id, str(port))
+            )
+
     def release_ports(self, vm_id: str) -> None:
         with self.tx() as conn:
             conn.execute("DELETE FROM ports WHERE vm_id=?", (vm_id,))
