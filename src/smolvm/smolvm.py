@@ -162,6 +162,7 @@ class SmolVM:
                         port_forwards=config.port_forwards,
                         comm_channel=config.comm_channel,
                         retain_disk_on_delete=config.retain_disk_on_delete,
+                        internet_settings=config.internet_settings,
                     )
                 except SnapshotError as exc:  # stale or damaged: a cold boot still works
                     log.warning("cannot restore %s (%s); cold boot instead", ref, exc)
@@ -188,6 +189,7 @@ class SmolVM:
         env_vars: dict[str, str] | None = None,
         port_forwards: dict[int, int] | None = None,
         comm_channel: str | None = None,
+        internet_settings: InternetSettings | dict[str, Any] | None = None,
         callbacks: list[Callback] | None = None,
         data_dir: Path | None = None,
         socket_dir: Path | None = None,
@@ -196,7 +198,10 @@ class SmolVM:
         """A new sandbox restored from snapshot ``snapshot_id`` (a name or
         ``SnapshotInfo.snapshot_id``) on :meth:`start` / ``with`` entry: its own disk
         overlay, ports and identity; deleted on ``with`` exit. ``resume_vm=False`` leaves
-        it paused after the restore (:meth:`resume` runs it)."""
+        it paused after the restore (:meth:`resume` runs it). The clone keeps the
+        snapshot's network policy unless ``internet_settings`` is given."""
+        if isinstance(internet_settings, dict):
+            internet_settings = InternetSettings(**internet_settings)
         mgr = manager or SmolVMManager(data_dir=data_dir, socket_dir=socket_dir, backend=backend)
         try:
             info = snapshots.create_clone(
@@ -206,6 +211,7 @@ class SmolVM:
                 env_vars=env_vars,
                 port_forwards=port_forwards,
                 comm_channel=comm_channel,
+                internet_settings=internet_settings,
             )
         except BaseException:
             if manager is None:

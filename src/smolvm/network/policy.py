@@ -105,8 +105,8 @@ def _reject(chain: str, *expr: dict[str, Any]) -> list[dict[str, Any]]:
     ICMP error for everything else."""
     tcp = _match({"meta": {"key": "l4proto"}}, "tcp")
     return [
-        _rule(chain, *expr, tcp, {"reject": {"type": "tcp reset"}}),
-        _rule(chain, *expr, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
+        _rule(chain, *expr, tcp, {"counter": None}, {"reject": {"type": "tcp reset"}}),
+        _rule(chain, *expr, {"counter": None}, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
     ]
 
 
@@ -211,7 +211,24 @@ def tap_input_rules(table: str, chain: str, comment: str, prefix: str) -> list[d
             _match({"ct": {"key": "state"}}, ["established", "related"], "in"),
             {"accept": None},
         ),
-        _tap_rule(table, chain, comment, iif, {"counter": None}, {"drop": None}),
+        # Refused, not dropped: a guest probing the host fails at once instead of hanging.
+        _tap_rule(
+            table,
+            chain,
+            comment,
+            iif,
+            _match({"meta": {"key": "l4proto"}}, "tcp"),
+            {"counter": None},
+            {"reject": {"type": "tcp reset"}},
+        ),
+        _tap_rule(
+            table,
+            chain,
+            comment,
+            iif,
+            {"counter": None},
+            {"reject": {"type": "icmp", "expr": "admin-prohibited"}},
+        ),
     ]
 
 
@@ -238,7 +255,21 @@ def tap_vm_rules(
     tcp = _match({"meta": {"key": "l4proto"}}, "tcp")
     reset = {"reject": {"type": "tcp reset"}}
     icmp = {"reject": {"type": "icmp", "expr": "admin-prohibited"}}
-    out = [
+    out = []
+    if allow4:  # allowed ranges may include host addresses (local delivery: input chain)
+        out.append(
+            _tap_rule(
+                table,
+                input_chain,
+                tag,
+                iif,
+                _match(_daddr("ip"), _anon(allow4)),
+                {"accept": None},
+                insert=True,
+            )
+        )
+    out += [
+        # Inserted last, so it is first: nothing with a forged source gets further.
         _tap_rule(table, input_chain, tag, iif, spoofed, {"drop": None}, insert=True),
         fwd(spoofed, {"drop": None}),
         fwd(_match({"ct": {"key": "state"}}, ["established", "related"], "in"), {"accept": None}),

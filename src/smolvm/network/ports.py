@@ -21,7 +21,10 @@ def free_ports() -> Iterator[int]:
 
 
 def port_is_free(port: int) -> bool:
+    """Nothing listens on ``127.0.0.1:port`` (connections in TIME_WAIT do not count: the
+    forwarders bind with SO_REUSEADDR too)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((LOOPBACK, port))
             return True

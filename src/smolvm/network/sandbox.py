@@ -150,6 +150,7 @@ def launch(argv: list[str], sb: NetSandbox, *, timeout: float = 60.0) -> subproc
             stderr=subprocess.PIPE,
             text=True,
         )
+        _wait_unshared(wrapper)
         uplink = _start_uplink(wrapper.pid, sb, exit_r, ready_w)
         os.close(ready_w)
         ready_w = -1
@@ -171,6 +172,26 @@ def launch(argv: list[str], sb: NetSandbox, *, timeout: float = 60.0) -> subproc
             if fd >= 0:
                 os.close(fd)
         sb.fifo.unlink(missing_ok=True)
+
+
+def _wait_unshared(wrapper: subprocess.Popen[str]) -> None:
+    """Wait until the launcher has its own network namespace. Until ``unshare`` has run,
+    /proc/PID/ns/net is still ours, and an uplink started then would configure the host's
+    own network (a TAP and a default route on the host)."""
+    own = os.stat("/proc/self/ns/net").st_ino
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        try:
+            if os.stat(f"/proc/{wrapper.pid}/ns/net").st_ino != own:
+                return
+        except FileNotFoundError:
+            pass
+        if wrapper.poll() is not None:
+            err = wrapper.stderr.read() if wrapper.stderr else ""
+            raise NetworkError(f"unshare failed ({wrapper.returncode}): {err.strip()[-500:]}")
+        if time.monotonic() > deadline:
+            raise NetworkError(f"the VMM launcher got no network namespace within {READY_TIMEOUT} s")
+        time.sleep(0.0005)
 
 
 def _start_uplink(pid: int, sb: NetSandbox, exit_r: int, ready_w: int) -> subprocess.Popen[bytes]:

@@ -66,6 +66,7 @@ _MATCH_FIELDS = (
     "comm_channel",
     "port_forwards",
     "workspace_mounts",
+    "internet_settings",
 )
 
 
@@ -308,6 +309,7 @@ class WarmPool:
             pool_owner=self.owner,
             port_forwards=self.config.port_forwards,
             comm_channel=self.config.comm_channel,
+            internet_settings=self.config.internet_settings,
         )
         vm_id = info.vm_id
         try:

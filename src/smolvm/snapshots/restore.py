@@ -25,7 +25,7 @@ from smolvm.runtime.memory import boot_memory
 from smolvm.runtime.overlay import write_overlay
 from smolvm.snapshots.records import LAUNCH_KEYS, SnapshotInfo, get_snapshot, image_key, launch_facts
 from smolvm.state.records import VMRecord
-from smolvm.types import VMConfig, VMInfo, VMState
+from smolvm.types import InternetSettings, VMConfig, VMInfo, VMState
 
 
 def create_clone(
@@ -37,6 +37,7 @@ def create_clone(
     port_forwards: dict[int, int] | None = None,
     comm_channel: str | None = None,
     retain_disk_on_delete: bool | None = None,
+    internet_settings: InternetSettings | None = None,
     pool: str | None = None,
     pool_owner: str | None = None,
 ) -> VMInfo:
@@ -52,6 +53,8 @@ def create_clone(
         upd["port_forwards"] = port_forwards
     if comm_channel is not None:
         upd["comm_channel"] = comm_channel
+    if internet_settings is not None:  # else the snapshot's own policy
+        upd["internet_settings"] = internet_settings
     if retain_disk_on_delete is not None:
         upd["retain_disk_on_delete"] = retain_disk_on_delete
     config = VMConfig(**{**cfg, **upd, **({"vm_id": vm_id} if vm_id else {})})
