@@ -300,21 +300,12 @@ def wait_http(tracker, vm, port: int, path: str = "/") -> bytes:
             if time.monotonic() > deadline:
                 rec = tracker.manager.state.get_vm(vm.vm_id)
                 guest = vm.run("cat /proc/net/tcp", shell="raw").output
-                inner = "python3 -c 'import urllib.request,sys; print(urllib.request.urlopen(sys.argv[1], timeout=5).read())' "
-                ns = sh(
-                    "nsenter",
-                    "-t",
-                    str(rec.pid),
-                    "-n",
-                    "sh",
-                    "-c",
-                    f"ip addr; ip route; nft list ruleset | grep -v elements; ss -tan; {inner} http://10.0.2.100:{port}/",
-                    check=False,
+                inner = sh(
+                    "nsenter", "-t", str(rec.pid), "-n", "sh", "-c", "ip -br addr; ss -tan", check=False
                 )
                 host = sh("ss", "-tanp", check=False).stdout
-                log = (tracker.manager.vm_dir(vm.vm_id) / "slirp4netns.log").read_text()[-2000:]
                 raise AssertionError(
-                    f"guest server never answered: {exc}\n{guest}\n{ns}\n{host}\n{log}\n{rec.network}"
+                    f"guest server never answered: {exc}\n{guest}\n{inner.stdout}\n{host}\n{rec.network}"
                 ) from exc
             time.sleep(0.2)
 
