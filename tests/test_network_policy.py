@@ -365,3 +365,56 @@ def test_bad_settings_are_typed_errors():
         with pytest.raises(ValidationError):
             InternetSettings(**bad)
     assert InternetSettings(allowed_domains=["PyPI.org."]).allowed_domains == ["pypi.org"]
+
+
+def test_named_domains_only_those_names_over_http_and_https(tracker, internet):
+    from smolvm import VMConfig
+
+    settings = {"allowed_domains": ["allowed.test"], "dns_servers": [NS_ADDR]}
+    vm = tracker.sandbox(VMConfig(internet_settings=settings)).start()
+    try:
+        got = probe(
+            vm,
+            ("http", "http://allowed.test/"),
+            ("https", "https://allowed.test/"),
+            ("dns", "other.test"),  # the guest cannot even resolve another name
+            ("http", f"http://{NS_ADDR}/"),  # the bare address of an allowed name
+            ("tcp", f"{NS_ADDR}:443"),
+            ("http", f"http://{METADATA}/"),
+        )
+        assert got["http://allowed.test/"] == f"{PAGE} allowed.test", got
+        assert got["https://allowed.test/"] == f"{PAGE} allowed.test", got
+        for t in ("other.test", f"http://{NS_ADDR}/", f"{NS_ADDR}:443", f"http://{METADATA}/"):
+            assert got[t].startswith("error"), (t, got)
+        # Another name on the allowed address, asked for through the proxy itself: the
+        # proxy reads the Host header / SNI and refuses it.
+        gw = vm.info.network.gateway_ip
+        r = vm.run(
+            "python3 -c \"import http.client as h; c=h.HTTPConnection('%s', 80, timeout=8); "
+            "c.request('GET', '/', headers={'Host': 'other.test'}); print(c.getresponse().read())\"" % gw,
+            shell="raw",
+            timeout=60,
+        )
+        assert PAGE not in r.stdout and "Backend not available" in r.stdout, r  # sniproxy's 503
+        sni = (
+            "import socket,ssl; c=ssl._create_unverified_context(); "
+            f"s=c.wrap_socket(socket.create_connection(('{gw}', 443), timeout=8), server_hostname='other.test'); "
+            "s.send(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(s.recv(100))"
+        )
+        r = vm.run(f'python3 -c "{sni}"', shell="raw", timeout=60)
+        # sniproxy answers an unlisted SNI with a TLS handshake-failure alert.
+        assert not r.ok and PAGE not in r.stdout and "HANDSHAKE_FAILURE" in r.stderr, r
+        helpers = tracker.manager.state.resources(vm.vm_id, "helper")
+        assert len(helpers) == 3  # uplink, resolver, proxy
+    finally:
+        vm.delete()
+    for r in helpers:
+        assert not procs.is_alive(int(r["value"].split(":")[0]), r["value"])
+
+
+def test_named_domains_need_user_mode(tracker):
+    from smolvm import VMConfig
+    from smolvm.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match="network='user'"):
+        tracker.sandbox(VMConfig(network="tap", internet_settings={"allowed_domains": ["pypi.org"]})).start()

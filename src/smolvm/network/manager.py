@@ -4,6 +4,7 @@ on 127.0.0.1 (never on all interfaces)."""
 
 from __future__ import annotations
 
+from smolvm.exceptions import ValidationError
 from smolvm.network.ports import mac_for, reserve_ports
 from smolvm.network.tap import allocate_tap, guest_dns, prefix_of, release_tap
 from smolvm.state import StateStore
@@ -27,6 +28,12 @@ class NetworkManager:
         if mode == "none":
             return NetworkInfo(mode="none")
         if mode == "tap":
+            if settings is not None and settings.domains:
+                raise ValidationError(
+                    "allowed_domains with names works with network='user' (its namespace runs the "
+                    "name-checking proxy); with network='tap' use ['*'], [] and allowed_cidrs",
+                    field="internet_settings",
+                )
             return allocate_tap(self.state, vm_id, forwards, settings)
         ssh_port = reserve_ports(self.state, vm_id, forwards)
         return NetworkInfo(

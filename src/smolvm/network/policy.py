@@ -111,7 +111,12 @@ def _reject(chain: str, *expr: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def sandbox_rules(
-    settings: InternetSettings, *, dns: list[str], host_addrs: list[str], proxy_ports: tuple[int, ...] = ()
+    settings: InternetSettings,
+    *,
+    dns: list[str],
+    host_addrs: list[str],
+    proxy_ports: tuple[int, ...] = (),
+    proxy_source: str | None = None,
 ) -> list[dict[str, Any]]:
     """The ruleset of a user-mode sandbox's network namespace.
 
@@ -119,7 +124,8 @@ def sandbox_rules(
     ``output`` chain sees all of them: replies pass, DNS to ``dns`` on port 53 passes, then
     ``allowed_cidrs`` pass, the deny ranges and the host's addresses are rejected, and what
     is left passes only with ``allowed_domains == ["*"]``. ``proxy_ports``: local ports of
-    the namespace's own egress proxy, the only loopback traffic let through.
+    the namespace's own resolver and proxy, the only loopback traffic let through; the
+    proxy's connections (from ``proxy_source``) reach public addresses on ports 80/443.
     """
     allow4, allow6 = split_families(settings.allowed_cidrs)
     host4, host6 = split_families([a for a in host_addrs if a])
@@ -150,7 +156,7 @@ def sandbox_rules(
             _rule(
                 "output",
                 _match({"meta": {"key": "oifname"}}, "lo"),
-                _match({"payload": {"protocol": "tcp", "field": "dport"}}, port),
+                _match({"payload": {"protocol": "th", "field": "dport"}}, port),
                 {"accept": None},
             )
         )
@@ -172,6 +178,15 @@ def sandbox_rules(
         *_reject("output", _match(_daddr("ip"), "@deny4")),
         *_reject("output", _match(_daddr("ip6"), "@deny6")),
     ]
+    if proxy_ports and proxy_source:
+        cmds.append(
+            _rule(
+                "output",
+                _match({"payload": {"protocol": "ip", "field": "saddr"}}, proxy_source),
+                _match({"payload": {"protocol": "tcp", "field": "dport"}}, {"set": [80, 443]}),
+                {"accept": None},
+            )
+        )
     if not settings.open_internet:
         cmds += _reject("output")
     return cmds

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smolvm.exceptions import NetworkError
+from smolvm.network import egress
 from smolvm.network.policy import host_addresses, resolv_conf, sandbox_rules
 from smolvm.types import InternetSettings
 
@@ -42,6 +43,8 @@ NS_ADDR = "10.0.2.100"
 #: slirp4netns's DNS forwarder (to the host's resolver).
 UPLINK_DNS = "10.0.2.3"
 TOOLS = ("unshare", "nsenter", "slirp4netns", "nft", "mount")
+#: Extra tools of named-domain policies (the namespace's resolver and SNI/Host proxy).
+DOMAIN_TOOLS = ("dnsmasq", "sniproxy", "ip")
 READY_TIMEOUT = 10.0
 #: Runs inside the new namespaces: private resolv.conf, wait for "go", then the VMM.
 _WRAPPER = (
@@ -52,10 +55,10 @@ _WRAPPER = (
 
 def missing_tools() -> list[str]:
     """The host tools sealed networking needs that are not installed."""
-    return [t for t in TOOLS if _which(t) is None]
+    return [t for t in TOOLS + DOMAIN_TOOLS if which(t) is None]
 
 
-def _which(tool: str) -> str | None:
+def which(tool: str) -> str | None:
     return shutil.which(tool) or next(
         (p for d in ("/usr/sbin", "/sbin", "/usr/bin", "/bin") if os.access(p := f"{d}/{tool}", os.X_OK)),
         None,
@@ -63,7 +66,7 @@ def _which(tool: str) -> str | None:
 
 
 def _tool(tool: str) -> str:
-    path = _which(tool)
+    path = which(tool)
     if path is None:
         raise NetworkError(
             f"{tool} not found: user-mode networking runs each VM in its own network namespace "
@@ -96,7 +99,14 @@ class NetSandbox:
 
     @property
     def dns(self) -> list[str]:
+        """The resolvers the namespace's side uses (never the guest directly)."""
         return self.settings.dns_servers or [UPLINK_DNS]
+
+    @property
+    def guest_dns(self) -> list[str]:
+        """What the VMM forwards the guest's DNS to: the upstream, or with named domains
+        the namespace's own resolver (answers allowed names with the proxy, nothing else)."""
+        return [egress.LOCAL_DNS] if self.settings.domains else self.dns
 
 
 def rootless() -> bool:
@@ -130,9 +140,9 @@ def wrap(argv: list[str], sb: NetSandbox) -> list[str]:
 def launch(argv: list[str], sb: NetSandbox, *, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Start ``argv`` (a self-daemonizing VMM) inside a sealed namespace; returns when the
     launcher exits (as ``subprocess.run`` would)."""
-    for t in TOOLS:
+    for t in TOOLS + (DOMAIN_TOOLS if sb.settings.domains else ()):
         _tool(t)
-    sb.resolv.write_text(resolv_conf(sb.dns))
+    sb.resolv.write_text(resolv_conf(sb.guest_dns))
     sb.fifo.unlink(missing_ok=True)
     os.mkfifo(sb.fifo, 0o600)
     sb.api_socket.unlink(missing_ok=True)
@@ -156,6 +166,8 @@ def launch(argv: list[str], sb: NetSandbox, *, timeout: float = 60.0) -> subproc
         ready_w = -1
         _wait_ready(ready_r, uplink, wrapper)
         apply_rules(wrapper.pid, sb)
+        if sb.settings.domains:
+            egress.start(_ns_flags(wrapper.pid), sb.dir, sb.settings, sb.dns, sb.record_helper, _tool)
         for port in sb.forwards:
             add_forward(sb.api_socket, port)
         _release(sb.fifo, wrapper)
@@ -244,7 +256,10 @@ def _wait_ready(fd: int, uplink: subprocess.Popen[bytes], wrapper: subprocess.Po
 
 def apply_rules(pid: int, sb: NetSandbox) -> None:
     """Load the policy into the namespace of ``pid`` (atomically: one nft transaction)."""
-    rules = sandbox_rules(sb.settings, dns=sb.dns, host_addrs=host_addresses())
+    proxy = egress.PROXY_PORTS if sb.settings.domains else ()
+    rules = sandbox_rules(
+        sb.settings, dns=sb.dns, host_addrs=host_addresses(), proxy_ports=proxy, proxy_source=egress.SOURCE
+    )
     proc = subprocess.run(
         [*_ns_flags(pid), _tool("nft"), "-j", "-f", "-"],
         input=json.dumps({"nftables": rules}),
