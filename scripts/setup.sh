@@ -7,19 +7,27 @@ cd "$(dirname "$0")/.."
 # Host packages: QEMU + qemu-img (VMM, overlays), e2fsprogs (mkfs.ext4 -d), debootstrap
 # (rootfs), kmod (module dependency resolution), musl-tools (static guest agent),
 # busybox-static (guest shell), nftables + iproute2 (TAP networking), openssh-client (ssh/scp),
-# zstd (compressed snapshots), ca-certificates, clang-format (style of the guest agent's C).
+# zstd (compressed snapshots), ca-certificates, clang-format (style of the guest agent's C),
+# slirp4netns + dnsmasq-base + sniproxy (the sealed user-mode network: each VM's namespace
+# uplink, resolver and Host/SNI-checking proxy).
 PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs debootstrap kmod musl-tools busybox-static
-          nftables iproute2 openssh-client zstd ca-certificates python3-venv clang-format)
+          nftables iproute2 openssh-client zstd ca-certificates python3-venv clang-format
+          slirp4netns dnsmasq-base sniproxy)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 if [ ${#missing[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "setup: installing ${missing[*]}"
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# SmolVM runs sniproxy inside each sandbox's namespace; the package's own host-wide
+# service (ports 80/443 on every interface) must not run.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled sniproxy >/dev/null 2>&1; then
+  $SUDO systemctl disable --now sniproxy || true
 fi
 
 PY=${PYTHON:-python3}

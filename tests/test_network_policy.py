@@ -389,16 +389,16 @@ def test_named_domains_only_those_names_over_http_and_https(tracker, internet):
         # Another name on the allowed address, asked for through the proxy itself: the
         # proxy reads the Host header / SNI and refuses it.
         gw = vm.info.network.gateway_ip
-        r = vm.run(
-            "python3 -c \"import http.client as h; c=h.HTTPConnection('%s', 80, timeout=8); "
-            "c.request('GET', '/', headers={'Host': 'other.test'}); print(c.getresponse().read())\"" % gw,
-            shell="raw",
-            timeout=60,
+        other_host = (
+            f"import http.client as h; c=h.HTTPConnection('{gw}', 80, timeout=8); "
+            "c.request('GET', '/', headers={'Host': 'other.test'}); print(c.getresponse().read())"
         )
+        r = vm.run(f'python3 -c "{other_host}"', shell="raw", timeout=60)
         assert PAGE not in r.stdout and "Backend not available" in r.stdout, r  # sniproxy's 503
         sni = (
             "import socket,ssl; c=ssl._create_unverified_context(); "
-            f"s=c.wrap_socket(socket.create_connection(('{gw}', 443), timeout=8), server_hostname='other.test'); "
+            f"s=c.wrap_socket(socket.create_connection(('{gw}', 443), timeout=8), "
+            "server_hostname='other.test'); "
             "s.send(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(s.recv(100))"
         )
         r = vm.run(f'python3 -c "{sni}"', shell="raw", timeout=60)

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from smolvm.cli import audit, common, demo, doctor, execution, images, setup, snapshots, vms
+from smolvm.cli import audit, common, demo, doctor, execution, images, ports, setup, snapshots, vms
 from smolvm.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, OPTS, err
 
 try:  # recent typer vendors click as typer._click; older releases use the click package
@@ -146,6 +146,7 @@ app.command("run", rich_help_panel=COMMANDS)(execution.run)
 app.command("ssh", rich_help_panel=COMMANDS)(vms.ssh)
 app.command("cp", rich_help_panel=COMMANDS)(execution.cp)
 app.add_typer(execution.env_app, name="env", rich_help_panel=COMMANDS)
+app.add_typer(ports.port_app, name="port", rich_help_panel=COMMANDS)
 app.command("audit", rich_help_panel=COMMANDS)(audit.audit)
 
 app.command("setup", rich_help_panel=HOST)(setup.setup)

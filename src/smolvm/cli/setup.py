@@ -36,6 +36,9 @@ HOST_PACKAGES_WHY: dict[str, str] = {
     "nftables": "NAT and isolation for TAP networking",
     "iproute2": "ip tuntap: TAP devices",
     "ca-certificates": "HTTPS mirrors",
+    "slirp4netns": "uplink of each user-mode VM's own network namespace (the sealed network)",
+    "dnsmasq-base": "the resolver of a sandbox with named allowed_domains",
+    "sniproxy": "the Host/SNI-checking proxy of a sandbox with named allowed_domains",
 }
 HOST_PACKAGES: list[str] = list(HOST_PACKAGES_WHY)
 
@@ -74,6 +77,13 @@ def _apt(argv: list[str]) -> None:
 def install_packages(missing: list[str]) -> None:
     _apt(["apt-get", "update", "-q"])
     _apt(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing])
+    if "sniproxy" in missing and shutil.which("systemctl"):
+        # SmolVM runs sniproxy inside each sandbox's namespace; the package's host-wide
+        # service (ports 80/443 on every interface) must not run.
+        prefix = [] if os.geteuid() == 0 else ["sudo"]
+        subprocess.run(
+            [*prefix, "systemctl", "disable", "--now", "sniproxy"], stdin=subprocess.DEVNULL, check=False
+        )
 
 
 def setup(

@@ -54,6 +54,7 @@ def build_config(
     ports: list[str] | None = None,
     image: str | None = None,
     mounts: list[str] | None = None,
+    internet: dict[str, Any] | None = None,
 ) -> Any:
     """A ``VMConfig`` from CLI options (building the default image with progress if needed)."""
     from smolvm.cli.images import ensure_image
@@ -78,6 +79,8 @@ def build_config(
         from smolvm.options import parse_mounts
 
         fields["workspace_mounts"] = parse_mounts(mounts)
+    if internet:
+        fields["internet_settings"] = internet
     if image:
         from smolvm.images.builder import ImageBuilder
 
@@ -124,12 +127,43 @@ def create(
             "or HOST:GUEST:rw (writes reach the host). Repeatable.",
         ),
     ] = None,
+    allow_domain: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-domain",
+            help="Allow only these names over HTTP/HTTPS (repeatable; *.example.com for subdomains).",
+        ),
+    ] = None,
+    allow_cidr: Annotated[
+        list[str] | None,
+        typer.Option("--allow-cidr", help="Also allow this IP range, any port (repeatable)."),
+    ] = None,
+    no_internet: Annotated[
+        bool, typer.Option("--no-internet", help="No egress at all (only --allow-cidr ranges).")
+    ] = False,
+    dns: Annotated[
+        list[str] | None, typer.Option("--dns", help="Upstream resolver for the guest's DNS (repeatable).")
+    ] = None,
     start: Annotated[bool, typer.Option("--start", help="Boot the VM right away.")] = False,
     timeout: Annotated[
         float, typer.Option("--timeout", help="Boot timeout in seconds (with --start).")
     ] = 60.0,
 ) -> None:
-    """Create a VM (not started unless --start) and print its id."""
+    """Create a VM (not started unless --start) and print its id.
+
+    Egress is enforced by the host: by default the guest reaches the public internet but
+    never the host, other sandboxes, private or link-local ranges."""
+    if no_internet and allow_domain:
+        raise usage_error("--no-internet and --allow-domain contradict each other; pick one")
+    internet: dict[str, Any] = {}
+    if no_internet:
+        internet["allowed_domains"] = []
+    elif allow_domain:
+        internet["allowed_domains"] = allow_domain
+    if allow_cidr:
+        internet["allowed_cidrs"] = allow_cidr
+    if dns:
+        internet["dns_servers"] = dns
     if channel is not None and channel not in ("auto", "agent", "ssh", "vsock"):
         raise usage_error(f"--channel must be auto, agent (alias vsock) or ssh, got {channel!r}")
     if network is not None and network not in ("user", "tap", "none"):
@@ -145,6 +179,7 @@ def create(
         ports=port,
         image=image,
         mounts=mount,
+        internet=internet,
     )
     with open_manager() as m:
         vm = m.create(cfg)
@@ -279,6 +314,18 @@ def list_vms(
     out.print(t)
 
 
+def egress_summary(net: Any) -> str:
+    """One line saying what a VM's policy lets out (host and private ranges never)."""
+    what = (
+        "public internet"
+        if net.open_internet
+        else (f"HTTP(S) to {', '.join(net.domains)}" if net.domains else "none")
+    )
+    extra = [f"+ {', '.join(net.allowed_cidrs)}"] if net.allowed_cidrs else []
+    extra += [f"dns {', '.join(net.dns_servers)}"] if net.dns_servers else []
+    return common.esc(" ".join([what, *extra]))
+
+
 def show_info(vm_id: VmId, json_out: JsonOpt = False) -> None:
     """Show a VM's configuration, state, network and accelerator."""
     with open_manager() as m:
@@ -316,6 +363,8 @@ def show_info(vm_id: VmId, json_out: JsonOpt = False) -> None:
         rows.append(("ssh port", f"127.0.0.1:{v.network.ssh_host_port}"))
     if v.network.port_forwards:
         rows.append(("forwards", ", ".join(f"127.0.0.1:{h}→{g}" for h, g in v.network.port_forwards.items())))
+    if v.network.mode != "none":
+        rows.append(("egress", egress_summary(v.config.internet_settings)))
     if v.config.env_vars:
         rows.append(
             ("env", " ".join(f"{k}={shlex.quote(val)}" for k, val in sorted(v.config.env_vars.items())))
