@@ -109,8 +109,40 @@ def check_tsc() -> Check:
     )
 
 
+def check_sealed_network() -> list[Check]:
+    """User mode (the default) runs each VM in its own namespace; say what that needs and
+    what each mode isolates."""
+    from smolvm.network.sandbox import missing_tools
+
+    missing = missing_tools()
+    core = [t for t in missing if t not in ("dnsmasq", "sniproxy", "ip")]
+    checks = [
+        Check(
+            "sealed network",
+            FAIL if core else (WARN if missing else OK),
+            (
+                f"missing {', '.join(missing)}: "
+                + ("user-mode VMs cannot start" if core else "named allowed_domains cannot start")
+            )
+            if missing
+            else "user mode: each VM in its own namespace (slirp4netns uplink, nftables policy)",
+            "apt-get install slirp4netns nftables dnsmasq-base sniproxy (or `smolvm setup`)"
+            if missing
+            else None,
+        ),
+        Check(
+            "isolation",
+            INFO,
+            "user and TAP mode: a guest never reaches the host, other sandboxes, link-local "
+            "(metadata) or private ranges unless allowed_cidrs names them; allowed_domains "
+            "limits the rest (names over HTTP/HTTPS need user mode); none: no NIC at all",
+        ),
+    ]
+    return checks
+
+
 def check_network() -> list[Check]:
-    checks = []
+    checks = check_sealed_network()
     tun = Path("/dev/net/tun")
     cap = has_cap_net_admin()
     if tun.exists() and cap:
