@@ -126,3 +126,15 @@ def exec_request(
         max_output_bytes=max_output_bytes,
         capture=capture,
     )
+
+
+def checked_env(env_vars: dict[str, str]) -> dict[str, str]:
+    """``env_vars`` with string values, or ``ValidationError`` for a bad name or a NUL."""
+    try:
+        for k, v in env_vars.items():
+            validate_env_key(k)
+            if "\x00" in str(v):
+                raise ValueError(f"value of {k} contains a NUL byte")
+    except ValueError as exc:
+        raise ValidationError(str(exc), field="env_vars") from None
+    return {k: str(v) for k, v in env_vars.items()}

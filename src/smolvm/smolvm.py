@@ -23,7 +23,7 @@ from smolvm.exceptions import (
     TransportError,
     ValidationError,
 )
-from smolvm.options import DEFAULT_MAX_OUTPUT_BYTES, exec_request, sandbox_config
+from smolvm.options import DEFAULT_MAX_OUTPUT_BYTES, checked_env, exec_request, sandbox_config
 from smolvm.runtime import BOOT_TIMEOUT, STOP_TIMEOUT
 from smolvm.runtime.channels import with_scp
 from smolvm.runtime.identity import env_file_text, parse_env_file
@@ -43,7 +43,6 @@ from smolvm.types import (
     VMInfo,
     VMState,
     WorkspaceMount,
-    validate_env_key,
 )
 from smolvm.vm import SmolVMManager, snapshot_name
 
@@ -200,8 +199,6 @@ class SmolVM:
         overlay, ports and identity; deleted on ``with`` exit. ``resume_vm=False`` leaves
         it paused after the restore (:meth:`resume` runs it). The clone keeps the
         snapshot's network policy unless ``internet_settings`` is given."""
-        if isinstance(internet_settings, dict):
-            internet_settings = InternetSettings(**internet_settings)
         mgr = manager or SmolVMManager(data_dir=data_dir, socket_dir=socket_dir, backend=backend)
         try:
             info = snapshots.create_clone(
@@ -518,15 +515,8 @@ class SmolVM:
 
     def set_env_vars(self, env_vars: dict[str, str], *, merge: bool = True) -> dict[str, str]:
         """Persist variables for login-shell commands (survive stop/start); returns all vars."""
-        try:
-            for k, v in env_vars.items():
-                validate_env_key(k)
-                if "\x00" in str(v):
-                    raise ValueError(f"value of {k} contains a NUL byte")
-        except ValueError as exc:
-            raise ValidationError(str(exc), field="env_vars") from None
         current = self.list_env_vars() if merge else {}
-        current.update({k: str(v) for k, v in env_vars.items()})
+        current.update(checked_env(env_vars))
         self._write_env(current)
         return current
 

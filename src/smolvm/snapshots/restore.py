@@ -37,7 +37,7 @@ def create_clone(
     port_forwards: dict[int, int] | None = None,
     comm_channel: str | None = None,
     retain_disk_on_delete: bool | None = None,
-    internet_settings: InternetSettings | None = None,
+    internet_settings: InternetSettings | dict[str, Any] | None = None,
     pool: str | None = None,
     pool_owner: str | None = None,
 ) -> VMInfo:
