@@ -418,3 +418,27 @@ def test_named_domains_need_user_mode(tracker):
 
     with pytest.raises(ValidationError, match="network='user'"):
         tracker.sandbox(VMConfig(network="tap", internet_settings={"allowed_domains": ["pypi.org"]})).start()
+
+
+def test_snapshot_clones_keep_the_policy(tracker, internet):
+    from smolvm import SmolVM, VMConfig
+
+    vm = tracker.sandbox(
+        VMConfig(internet_settings={"allowed_domains": [], "dns_servers": [NS_ADDR]})
+    ).start()
+    snap = vm.snapshot()
+    vm.delete()
+    clone = SmolVM.from_snapshot(snap.snapshot_id, data_dir=tracker.data_dir)
+    tracker.track(clone.vm_id)
+    with clone:
+        assert clone.info.config.internet_settings.allowed_domains == []
+        got = probe(clone, ("http", f"http://{NS_ADDR}/"))
+        assert got[f"http://{NS_ADDR}/"].startswith("error"), got
+    # An explicit policy replaces the snapshot's.
+    opened = SmolVM.from_snapshot(
+        snap.snapshot_id, data_dir=tracker.data_dir, internet_settings={"dns_servers": [NS_ADDR]}
+    )
+    tracker.track(opened.vm_id)
+    with opened:
+        assert probe(opened, ("http", f"http://{NS_ADDR}/"))[f"http://{NS_ADDR}/"].startswith(PAGE)
+    tracker.manager.delete_snapshot(snap.snapshot_id)
