@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from smolvm.paths import default_socket_dir
+
 # One image build per machine, shared by every test's private data dir.
 IMAGE_DIR = Path(os.environ.get("SMOLVM_TEST_IMAGE_DIR", Path.home() / ".cache" / "smolvm-test" / "images"))
 os.environ["SMOLVM_IMAGE_DIR"] = str(IMAGE_DIR)
@@ -152,7 +154,7 @@ def shared_vm(tmp_path_factory: pytest.TempPathFactory, default_image):
             for p in leaked:
                 os.kill(p, 9)
         assert leaked == [], f"QEMU of shared VM {vm_id} survived teardown"
-        assert not list(Path("/tmp").glob(f"smolvm-{vm_id}.*")), "sockets/lock files left behind"
+        assert not list(default_socket_dir().glob(f"smolvm-{vm_id}.*")), "sockets/lock files left behind"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

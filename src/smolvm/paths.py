@@ -8,6 +8,7 @@ Images may live elsewhere (``$SMOLVM_IMAGE_DIR``) so many data dirs can share on
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -52,3 +53,26 @@ def resolve_image_dir(data_dir: Path) -> Path:
     p = Path(env).expanduser() if env else data_dir / "images"
     p.mkdir(parents=True, exist_ok=True)
     return p.resolve()
+
+
+def default_socket_dir() -> Path:
+    """``/tmp/smolvm-<uid>``: VM sockets (QMP controls the VM, the agent runs commands as root
+    in the guest) live in a directory only this user can enter, never loose in /tmp."""
+    return private_dir(Path("/tmp") / f"smolvm-{os.geteuid()}")
+
+
+def private_dir(p: Path) -> Path:
+    """Create ``p`` 0700, or check that an existing one is ours, not a symlink and closed to
+    others (another local user could have made it first to watch our sockets)."""
+    try:
+        p.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(p)
+    except OSError as exc:
+        raise ValidationError(f"cannot create the socket directory {p}: {exc}", field="socket_dir") from exc
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise ValidationError(
+            f"{p} must be a directory owned by uid {os.geteuid()} with mode 0700 (it is "
+            f"uid {st.st_uid}, mode {oct(st.st_mode & 0o7777)}); remove it or pass socket_dir=",
+            field="socket_dir",
+        )
+    return p

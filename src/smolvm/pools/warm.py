@@ -35,7 +35,7 @@ from typing import Any
 from smolvm import procs
 from smolvm.envflags import env_int
 from smolvm.exceptions import SmolVMError, ValidationError
-from smolvm.paths import resolve_data_dir
+from smolvm.paths import default_socket_dir, resolve_data_dir
 from smolvm.runtime import Runtime
 from smolvm.runtime.channels import agent_transport
 from smolvm.runtime.identity import env_file_text
@@ -443,7 +443,7 @@ def default_pool(data_dir: Path | None = None, socket_dir: Path | None = None) -
     size = pool_size_from_env()
     if size <= 0:
         return None
-    key = (str(resolve_data_dir(data_dir)), str(Path(socket_dir) if socket_dir else Path("/tmp")))
+    key = (str(resolve_data_dir(data_dir)), str(Path(socket_dir) if socket_dir else default_socket_dir()))
     with _defaults_lock:
         p = _defaults.get(key)
         if p is None or p.closed:

@@ -36,7 +36,7 @@ from smolvm.images.configdisk import build_config_disk
 from smolvm.keys import HostKey, ensure_client_key, write_known_hosts
 from smolvm.network import NetworkManager
 from smolvm.network.tap import ensure_tap
-from smolvm.paths import resolve_data_dir, resolve_image_dir
+from smolvm.paths import default_socket_dir, resolve_data_dir, resolve_image_dir
 from smolvm.runtime import channels, resources
 from smolvm.runtime.identity import env_file_text, refresh_clock_and_entropy
 from smolvm.runtime.memory import boot_memory
@@ -86,7 +86,7 @@ class Runtime:
         state: StateStore | None = None,
     ) -> None:
         self.data_dir = resolve_data_dir(data_dir)
-        self.socket_dir = Path(socket_dir) if socket_dir else Path("/tmp")
+        self.socket_dir = Path(socket_dir) if socket_dir else default_socket_dir()
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self.backend = resolve_backend(backend)
         self.disk_dir = self.data_dir / "disks"

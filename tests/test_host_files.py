@@ -1,0 +1,60 @@
+"""Host-side files of a VM are private: another local user cannot reach its sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smolvm.exceptions import ValidationError
+from smolvm.paths import default_socket_dir, private_dir
+
+CONNECT = "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); print('connected')"
+
+
+def test_private_dir_refuses_a_directory_others_can_enter(tmp_path: Path) -> None:
+    d = tmp_path / "socks"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    with pytest.raises(ValidationError, match="mode 0700"):
+        private_dir(d)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    with pytest.raises(ValidationError, match="must be a directory"):
+        private_dir(link)
+    fresh = private_dir(tmp_path / "fresh")
+    assert fresh.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.e2e
+@pytest.mark.requires("root")
+def test_another_local_user_cannot_connect_to_a_vms_sockets(shared_vm) -> None:
+    base = default_socket_dir()
+    assert base.stat().st_mode & 0o777 == 0o700 and base.stat().st_uid == os.geteuid()
+    socks = sorted(base.glob(f"smolvm-{shared_vm.vm_id}.*.sock"))
+    assert {p.name.split(".")[1] for p in socks} >= {"ctl", "agent", "net"}, socks
+    for sock in socks:
+        # The owner can (control) ...
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))
+        # ... uid 65534 ("nobody", a second local user) cannot.
+        r = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                CONNECT,
+                str(sock),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode != 0 and "PermissionError" in r.stderr, (sock, r)
