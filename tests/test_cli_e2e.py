@@ -64,6 +64,32 @@ def test_list_and_info_json(cli: Ctx) -> None:
     assert r.code == 0 and "already running" in r.err, str(r)
 
 
+def test_port_expose_list_close(cli: Ctx) -> None:
+    page = "mkdir -p /srv && cd /srv && echo cli-page > i.html"
+    serve = f"{page} && (python3 -m http.server 8000 >/dev/null 2>&1 &)"
+    assert cli("run", VM, "--", serve).code == 0
+    r = cli("port", "expose", VM, "8000")
+    assert r.code == 0, str(r)
+    port = int(r.out)
+    assert cli("port", "list", VM, "--json").json() == [{"host_port": port, "guest_port": 8000}]
+    assert f"127.0.0.1:{port}" in cli("info", VM).out
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            assert (
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/i.html", timeout=5).read() == b"cli-page\n"
+            )
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert cli("port", "close", VM, str(port)).code == 0
+    assert cli("port", "list", VM, "--json").json() == []
+    r = cli("port", "close", VM, str(port))
+    assert r.code != 0 and "not exposed" in r.err, str(r)
+    assert "egress" in cli("info", VM).out and "public internet" in cli("info", VM).out
+
+
 def test_run_passes_exit_code_and_separates_streams(cli: Ctx) -> None:
     r = cli("run", VM, "--", "echo to-out; echo to-err >&2; exit 7")
     assert r.code == 7, str(r)
@@ -279,29 +305,3 @@ def test_demo(cli: Ctx) -> None:
     assert "Hello from SmolVM" in r.out and "Linux" in r.out, str(r)
     assert "booted in" in r.err and "deleted in" in r.err, str(r)
     assert cli("list", "--json").json() == []
-
-
-def test_port_expose_list_close(cli: Ctx) -> None:
-    page = "mkdir -p /srv && cd /srv && echo cli-page > i.html"
-    serve = f"{page} && (python3 -m http.server 8000 >/dev/null 2>&1 &)"
-    assert cli("run", VM, "--", serve).code == 0
-    r = cli("port", "expose", VM, "8000")
-    assert r.code == 0, str(r)
-    port = int(r.out)
-    assert cli("port", "list", VM, "--json").json() == [{"host_port": port, "guest_port": 8000}]
-    assert f"127.0.0.1:{port}" in cli("info", VM).out
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            assert (
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/i.html", timeout=5).read() == b"cli-page\n"
-            )
-            break
-        except OSError:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-    assert cli("port", "close", VM, str(port)).code == 0
-    assert cli("port", "list", VM, "--json").json() == []
-    r = cli("port", "close", VM, str(port))
-    assert r.code != 0 and "not exposed" in r.err, str(r)
-    assert "egress" in cli("info", VM).out and "public internet" in cli("info", VM).out
