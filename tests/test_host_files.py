@@ -58,3 +58,19 @@ def test_another_local_user_cannot_connect_to_a_vms_sockets(shared_vm) -> None:
             text=True,
         )
         assert r.returncode != 0 and "PermissionError" in r.stderr, (sock, r)
+
+
+@pytest.mark.e2e
+def test_qemu_runs_under_its_seccomp_filter(shared_vm) -> None:
+    pid = shared_vm.manager.state.get_vm(shared_vm.vm_id).pid
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert "Seccomp:\t2" in status  # filter mode
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"-sandbox" in argv and b"-daemonize" not in argv
+    # Snapshots still work (fd: migration, nothing spawned): save and restore a clone.
+    from smolvm import SmolVM
+
+    snap = shared_vm.snapshot()
+    with SmolVM.from_snapshot(snap.snapshot_id, manager=shared_vm.manager) as clone:
+        assert clone.run("echo restored").output == "restored"
+    shared_vm.manager.delete_snapshot(snap.snapshot_id)

@@ -7,9 +7,11 @@ Flags follow the measurements in the platform notes. The process is started with
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,17 @@ class QMP:
             except Exception:
                 pass
             self._qmp = None
+
+    def pass_fd(self, fd: int, name: str) -> None:
+        """Hand ``fd`` to QEMU as ``name`` (SCM_RIGHTS + ``getfd``): migration streams go
+        through file descriptors, so QEMU never needs to spawn a shell (``exec:``) and can
+        run with ``-sandbox spawn=deny``."""
+        assert self._qmp is not None
+        try:
+            self._qmp.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise BackendError(f"passing a file descriptor to QEMU failed: {exc!r}") from exc
+        self.execute("getfd", fdname=name)
 
     def execute(self, cmd: str, **args: Any) -> Any:
         assert self._qmp is not None
@@ -210,7 +223,11 @@ class QemuBackend(Backend):
             *_agent_ports(spec),
             "-pidfile",
             str(spec.vm_dir / "qemu.pid"),
-            "-daemonize",
+            # seccomp: no fork/exec, no setuid/privilege changes, no obsolete or
+            # scheduler/resource syscalls. Hence no -daemonize (it forks after the filter
+            # is on) and fd: migration for snapshots (see QMP.pass_fd).
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ]
         if spec.initrd:
             a += ["-initrd", str(spec.initrd)]
@@ -252,21 +269,27 @@ class QemuBackend(Backend):
             sock.unlink(missing_ok=True)
         argv = self.argv(spec)
         (spec.vm_dir / "qemu.argv").write_text(json.dumps(argv))
-        if spec.net is not None and spec.net.sandbox is not None:
-            proc = sandbox.launch(argv, spec.net.sandbox)
-        else:
-            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            raise BackendError(
-                f"QEMU failed to start VM {spec.vm_id}: {proc.stderr.strip()[-1000:]}",
-                {"argv": argv},
-            )
+        log_path = spec.vm_dir / "qemu.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        with open(log_path, "ab") as log:
+            if spec.net is not None and spec.net.sandbox is not None:
+                proc = sandbox.launch(argv, spec.net.sandbox, stderr=log)
+            else:
+                # Its own session: a Ctrl-C to the caller's process group never reaches VMs.
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                )
+        # Reap it if it exits while we live (when we exit first, init does).
+        threading.Thread(target=proc.wait, name=f"reap-{spec.vm_id}", daemon=True).start()
+        try:
+            _wait_started(spec, proc, log_path, offset)
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+            raise
         if spec.memory is not None and spec.memory.unlink and spec.memory.path is not None:
             spec.memory.path.unlink(missing_ok=True)  # QEMU holds it open; freed when it exits
-        try:
-            return int(pidfile.read_text().strip())
-        except (OSError, ValueError) as exc:
-            raise BackendError(f"QEMU started but wrote no pidfile {pidfile}") from exc
+        return proc.pid
 
     def add_forward(self, spec: LaunchSpec, host_port: int, guest_port: int) -> None:
         _hmp(spec, f"hostfwd_add n0 tcp:{_fwd_addr(spec)}:{int(host_port)}-:{int(guest_port)}")
@@ -312,7 +335,12 @@ class QemuBackend(Backend):
                 capabilities=[{"capability": "x-ignore-shared", "state": bool(ignore_shared)}],
             )
             q.execute("migrate-set-parameters", **{"max-bandwidth": 10 * 1024**3})
-            q.execute("migrate", uri=f"exec:cat > {tmp}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                q.pass_fd(fd, "smolvm-out")
+            finally:
+                os.close(fd)  # QEMU has its own copy
+            q.execute("migrate", uri="fd:smolvm-out")
             deadline = time.monotonic() + 120
             while True:
                 info = q.execute("query-migrate")
@@ -342,7 +370,12 @@ class QemuBackend(Backend):
                     "migrate-set-capabilities",
                     capabilities=[{"capability": "x-ignore-shared", "state": True}],
                 )
-            q.execute("migrate-incoming", uri=f"exec:cat {spec.incoming}")
+            fd = os.open(spec.incoming, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                q.pass_fd(fd, "smolvm-in")
+            finally:
+                os.close(fd)
+            q.execute("migrate-incoming", uri="fd:smolvm-in")
             while True:
                 st = q.execute("query-status")["status"]
                 if st != "inmigrate":
@@ -370,3 +403,25 @@ def _hmp(spec: LaunchSpec, command: str, ok: str = "") -> None:
     out = qmp(spec.control_socket, "human-monitor-command", timeout=5.0, **{"command-line": command})
     if isinstance(out, str) and out.strip() and not (ok and ok in out):
         raise NetworkError(f"QEMU {command.split()[0]}: {out.strip()[:300]}")
+
+
+def _wait_started(spec: LaunchSpec, proc: subprocess.Popen[bytes], log: Path, offset: int) -> None:
+    """Until QEMU answers QMP (initialised: devices, files and sockets open), or fails."""
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            with open(log, "rb") as f:
+                f.seek(offset)
+                err = f.read(64 * 1024).decode(errors="replace").strip()
+            raise BackendError(
+                f"QEMU failed to start VM {spec.vm_id} (exit {proc.returncode}): {err[-1000:]}"
+            )
+        if spec.control_socket.exists():
+            try:
+                qmp(spec.control_socket, "query-status", timeout=1.0)
+                return
+            except BackendError:
+                pass
+        if time.monotonic() > deadline:
+            raise OperationTimeoutError(f"QEMU of VM {spec.vm_id} did not answer QMP within 60 s", 60)
+        time.sleep(0.002)

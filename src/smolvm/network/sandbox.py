@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from smolvm.exceptions import NetworkError
 from smolvm.network import egress
@@ -137,9 +138,10 @@ def wrap(argv: list[str], sb: NetSandbox) -> list[str]:
     ]
 
 
-def launch(argv: list[str], sb: NetSandbox, *, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Start ``argv`` (a self-daemonizing VMM) inside a sealed namespace; returns when the
-    launcher exits (as ``subprocess.run`` would)."""
+def launch(argv: list[str], sb: NetSandbox, *, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (the VMM) inside a sealed namespace, in a session of its own; returns
+    its process once the namespace is ready and the VMM runs (the process *is* the VMM:
+    ``unshare`` and the wrapper ``exec`` into it)."""
     for t in TOOLS + (DOMAIN_TOOLS if sb.settings.domains else ()):
         _tool(t)
     sb.resolv.write_text(resolv_conf(sb.guest_dns))
@@ -148,7 +150,7 @@ def launch(argv: list[str], sb: NetSandbox, *, timeout: float = 60.0) -> subproc
     sb.api_socket.unlink(missing_ok=True)
     exit_r, exit_w = os.pipe()
     ready_r, ready_w = os.pipe()
-    wrapper: subprocess.Popen[str] | None = None
+    wrapper: subprocess.Popen[bytes] | None = None
     uplink: subprocess.Popen[bytes] | None = None
     try:
         # The VMM inherits exit_w; when it exits, slirp4netns sees EOF and exits too.
@@ -156,9 +158,9 @@ def launch(argv: list[str], sb: NetSandbox, *, timeout: float = 60.0) -> subproc
             wrap(argv, sb),
             pass_fds=(exit_w,),
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stdout=stderr,
+            stderr=stderr,
+            start_new_session=True,
         )
         _wait_unshared(wrapper)
         uplink = _start_uplink(wrapper.pid, sb, exit_r, ready_w)
@@ -171,8 +173,7 @@ def launch(argv: list[str], sb: NetSandbox, *, timeout: float = 60.0) -> subproc
         for port in sb.forwards:
             add_forward(sb.api_socket, port)
         _release(sb.fifo, wrapper)
-        out, err = wrapper.communicate(timeout=timeout)
-        return subprocess.CompletedProcess(wrapper.args, wrapper.returncode, out, err)
+        return wrapper
     except BaseException:
         for p in (wrapper, uplink):
             if p is not None and p.poll() is None:
@@ -186,7 +187,7 @@ def launch(argv: list[str], sb: NetSandbox, *, timeout: float = 60.0) -> subproc
         sb.fifo.unlink(missing_ok=True)
 
 
-def _wait_unshared(wrapper: subprocess.Popen[str]) -> None:
+def _wait_unshared(wrapper: subprocess.Popen[bytes]) -> None:
     """Wait until the launcher has its own network namespace. Until ``unshare`` has run,
     /proc/PID/ns/net is still ours, and an uplink started then would configure the host's
     own network (a TAP and a default route on the host)."""
@@ -199,8 +200,7 @@ def _wait_unshared(wrapper: subprocess.Popen[str]) -> None:
         except FileNotFoundError:
             pass
         if wrapper.poll() is not None:
-            err = wrapper.stderr.read() if wrapper.stderr else ""
-            raise NetworkError(f"unshare failed ({wrapper.returncode}): {err.strip()[-500:]}")
+            raise NetworkError(f"unshare failed (exit {wrapper.returncode}); see the VM's qemu.log")
         if time.monotonic() > deadline:
             raise NetworkError(f"the VMM launcher got no network namespace within {READY_TIMEOUT} s")
         time.sleep(0.0005)
@@ -238,7 +238,7 @@ def _start_uplink(pid: int, sb: NetSandbox, exit_r: int, ready_w: int) -> subpro
     return proc
 
 
-def _wait_ready(fd: int, uplink: subprocess.Popen[bytes], wrapper: subprocess.Popen[str]) -> None:
+def _wait_ready(fd: int, uplink: subprocess.Popen[bytes], wrapper: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     os.set_blocking(fd, False)
     while time.monotonic() < deadline:
@@ -270,7 +270,7 @@ def apply_rules(pid: int, sb: NetSandbox) -> None:
         raise NetworkError(f"loading the sandbox's network policy failed: {proc.stderr.strip()[-800:]}")
 
 
-def _release(fifo: Path, wrapper: subprocess.Popen[str]) -> None:
+def _release(fifo: Path, wrapper: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         try:
