@@ -220,6 +220,21 @@ def test_download_never_carries_dangerous_modes_or_follows_symlinks(vm, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files
 
 
+def test_download_stops_at_max_bytes_and_leaves_nothing(vm, tmp_path: Path):
+    """A guest file larger than ``max_bytes`` raises TransferLimitError mid-stream; nothing
+    (not even a temporary file) is left on the host, and the channel still works."""
+    from smolvm import TransferLimitError
+
+    vm.run("head -c 3000000 /dev/zero > /root/big", shell="raw")
+    dst = tmp_path / "big"
+    with pytest.raises(TransferLimitError, match="max_bytes=1000000"):
+        vm.download_file("/root/big", dst, max_bytes=1_000_000)
+    assert list(tmp_path.iterdir()) == []
+    vm.download_file("/root/big", dst, max_bytes=3_000_000)  # exactly at the limit: fine
+    assert dst.stat().st_size == 3_000_000
+    assert vm.run("echo still-ok").output == "still-ok"
+
+
 def test_async_run(vm):
     async def main():
         return await asyncio.gather(vm.arun("echo a"), vm.arun("echo b"))

@@ -22,6 +22,7 @@ from smolvm.exceptions import (
     SnapshotError,
     SnapshotNotFoundError,
     StateError,
+    TransferLimitError,
     TransportError,
     ValidationError,
     VMAlreadyExistsError,
@@ -70,6 +71,7 @@ __all__ = [
     "TransportError",
     "AgentError",
     "GuestFileNotFoundError",
+    "TransferLimitError",
     "CommandBlockedError",
     "StateError",
 ]

@@ -153,11 +153,17 @@ class GuestFileNotFoundError(AgentError, FileNotFoundError):
     """A guest path does not exist (also catchable as ``FileNotFoundError``)."""
 
 
+class TransferLimitError(TransportError):
+    """A file from the guest was larger than the ``max_bytes`` the caller allowed (nothing
+    was written at the destination)."""
+
+
 class StateError(SmolVMError):
     """The state database is unreadable, locked for too long, or from a newer SmolVM."""
 
 
 __all__ = [
+    "TransferLimitError",
     "SmolVMError",
     "ValidationError",
     "VMNotFoundError",

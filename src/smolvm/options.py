@@ -80,6 +80,9 @@ def sandbox_config(config: VMConfig | None, image_dir: Path, **kw: Any) -> VMCon
 #: Bytes of each output stream ``run()`` keeps by default (the rest reaches the output
 #: callbacks only; the result says ``truncated``). Enough for a 100 MB build log.
 DEFAULT_MAX_OUTPUT_BYTES = 128 * 1024 * 1024
+#: Largest guest file ``download_file`` writes by default (bytes; a hostile guest must not
+#: be able to fill the host's disk through an innocent-looking download).
+DEFAULT_MAX_DOWNLOAD = 1024 * 1024 * 1024
 
 
 def exec_request(

@@ -23,7 +23,13 @@ from smolvm.exceptions import (
     TransportError,
     ValidationError,
 )
-from smolvm.options import DEFAULT_MAX_OUTPUT_BYTES, checked_env, exec_request, sandbox_config
+from smolvm.options import (
+    DEFAULT_MAX_DOWNLOAD,
+    DEFAULT_MAX_OUTPUT_BYTES,
+    checked_env,
+    exec_request,
+    sandbox_config,
+)
 from smolvm.runtime import BOOT_TIMEOUT, STOP_TIMEOUT
 from smolvm.runtime.channels import with_scp
 from smolvm.runtime.identity import env_file_text, parse_env_file
@@ -549,10 +555,14 @@ class SmolVM:
             raise ValidationError(f"local file does not exist: {p}", field="local_path")
         self._channel().upload(p, guest_path, mode)
 
-    def download_file(self, guest_path: str, local_path: str | Path) -> None:
+    def download_file(
+        self, guest_path: str, local_path: str | Path, *, max_bytes: int | None = DEFAULT_MAX_DOWNLOAD
+    ) -> None:
         """Copy a guest file to the host (streamed, written atomically; keeps its
-        permissions except setuid/setgid/sticky and group/world write bits)."""
-        self._channel().download(guest_path, Path(local_path).expanduser())
+        permissions except setuid/setgid/sticky and group/world write bits). A file over
+        ``max_bytes`` (default 1 GiB; None: no limit) raises ``TransferLimitError`` and
+        leaves nothing at ``local_path``."""
+        self._channel().download(guest_path, Path(local_path).expanduser(), max_bytes)
 
     # ------------------------------------------------------------------ ports
     def expose_local(self, guest_port: int, host_port: int | None = None) -> int:

@@ -71,6 +71,7 @@ from smolvm.transports.agent_proto import (
 )
 from smolvm.transports.base import (
     GUEST_SHELL,
+    Counter,
     ExecRequest,
     OutputCallback,
     ProcessHandle,
@@ -498,15 +499,21 @@ class AgentTransport(Transport):
                 mode = os.fstat(f.fileno()).st_mode & 0o7777
             self._write(remote, iter(lambda: f.read(1 << 20), b""), mode, fsync=False, make_parents=False)
 
-    def download(self, remote: str, local: Path) -> None:
+    def download(self, remote: str, local: Path, max_bytes: int | None = None) -> None:
         """Stream guest ``remote`` to host ``local`` (written atomically, without following a
         symlink at ``local``; the guest's mode without setuid/setgid/sticky or group/world
-        write bits, see ``host_mode``)."""
+        write bits, see ``host_mode``; at most ``max_bytes``)."""
         local = Path(local)
+        count = Counter(remote, max_bytes)
         fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                mode = self._read(remote, f.write)
+
+                def sink(b: bytes) -> None:
+                    count.add(len(b))
+                    f.write(b)
+
+                mode = self._read(remote, sink)
             os.chmod(tmp, host_mode(mode))
             os.replace(tmp, local)
         except BaseException:

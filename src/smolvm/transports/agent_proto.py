@@ -173,6 +173,9 @@ class ReadStream(Stream):
             except OSError as exc:
                 self.error = TransportError(f"download {self.path}: writing locally failed: {exc}")
                 return True
+            except SmolVMError as exc:  # the sink's own limit
+                self.error = exc
+                return True
             return False
         if op == OP_ERROR:
             self.error = _agent_error(payload, "")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from smolvm.exceptions import TransferLimitError
 from smolvm.types import CommandResult, Limits
 
 #: Shell used for commands in the guest (busybox ash, static). "login" adds ``-l``.
@@ -138,8 +139,9 @@ class Transport(abc.ABC):
         """Copy a host file into the guest, streaming; keeps ``local``'s mode unless given."""
 
     @abc.abstractmethod
-    def download(self, remote: str, local: Path) -> None:
-        """Copy a guest file to the host, streaming; keeps the guest file's mode."""
+    def download(self, remote: str, local: Path, max_bytes: int | None = None) -> None:
+        """Copy a guest file to the host, streaming; keeps the guest file's mode (see
+        ``host_mode``). Over ``max_bytes`` (None: no limit): ``TransferLimitError``."""
 
     @abc.abstractmethod
     def wait_ready(self, timeout: float) -> None:
@@ -148,3 +150,18 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the connection. Idempotent."""
+
+
+class Counter:
+    """Counts the bytes of a download and stops it past ``limit`` (None: no limit)."""
+
+    def __init__(self, remote: str, limit: int | None) -> None:
+        self.remote, self.limit, self.n = remote, limit, 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+        if self.limit is not None and self.n > self.limit:
+            raise TransferLimitError(
+                f"guest file {self.remote} is larger than max_bytes={self.limit}; nothing was "
+                "written. Pass a larger max_bytes (None for no limit) if you expect it"
+            )

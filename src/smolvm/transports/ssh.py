@@ -30,6 +30,7 @@ from smolvm.exceptions import (
 )
 from smolvm.transports.base import (
     GUEST_SHELL,
+    Counter,
     ExecRequest,
     OutputCallback,
     ProcessHandle,
@@ -390,7 +391,7 @@ class SSHTransport(Transport):
 
         self._with_sftp(f"upload {local} -> {remote}", put)
 
-    def download(self, remote: str, local: Path) -> None:
+    def download(self, remote: str, local: Path, max_bytes: int | None = None) -> None:
         """Copy guest ``remote`` to host ``local``: written atomically (temporary file +
         rename, so a symlink at ``local`` is replaced, never followed), with the guest's
         mode minus setuid/setgid/sticky and group/world write bits (``host_mode``)."""
@@ -398,10 +399,14 @@ class SSHTransport(Transport):
 
         def get(sftp: paramiko.SFTPClient) -> None:
             st = sftp.stat(remote)
+            count = Counter(remote, max_bytes)
+            count.add(st.st_size or 0)  # refuse early when the guest says it is too big
+            count.n = 0
             fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", dir=local.parent)
             try:
                 with os.fdopen(fd, "wb") as f:
-                    sftp.getfo(remote, f)
+                    # The guest may lie about the size: count what arrives as well.
+                    sftp.getfo(remote, f, callback=lambda done, _total: count.add(done - count.n))
                 os.chmod(tmp, host_mode(st.st_mode or 0o644))
                 os.replace(tmp, local)
             except BaseException:
