@@ -74,3 +74,15 @@ def test_qemu_runs_under_its_seccomp_filter(shared_vm) -> None:
     with SmolVM.from_snapshot(snap.snapshot_id, manager=shared_vm.manager) as clone:
         assert clone.run("echo restored").output == "restored"
     shared_vm.manager.delete_snapshot(snap.snapshot_id)
+
+
+@pytest.mark.e2e
+def test_guest_ram_and_qemu_files_are_owner_only(vms) -> None:
+    vm = vms.sandbox(cold_boot=True).start()
+    rec = vms.manager.state.get_vm(vm.vm_id)
+    fd_dir = Path(f"/proc/{rec.pid}/fd")
+    ram = [fd_dir / e for e in os.listdir(fd_dir) if "/dev/shm/smolvm-" in os.readlink(fd_dir / e)]
+    assert ram, "cold boot keeps guest RAM in a /dev/shm file"
+    assert all(os.stat(p).st_mode & 0o777 == 0o600 for p in ram)
+    # QEMU runs with umask 077: its pidfile (and anything else it creates) is 0600.
+    assert (vms.manager.vm_dir(vm.vm_id) / "qemu.pid").stat().st_mode & 0o777 == 0o600

@@ -277,7 +277,12 @@ class QemuBackend(Backend):
             else:
                 # Its own session: a Ctrl-C to the caller's process group never reaches VMs.
                 proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    umask=0o077,  # whatever QEMU creates is ours alone
                 )
         # Reap it if it exits while we live (when we exit first, init does).
         threading.Thread(target=proc.wait, name=f"reap-{spec.vm_id}", daemon=True).start()

@@ -161,6 +161,7 @@ def launch(argv: list[str], sb: NetSandbox, *, stderr: IO[bytes]) -> subprocess.
             stdout=stderr,
             stderr=stderr,
             start_new_session=True,
+            umask=0o077,  # whatever QEMU creates is ours alone
         )
         _wait_unshared(wrapper)
         uplink = _start_uplink(wrapper.pid, sb, exit_r, ready_w)

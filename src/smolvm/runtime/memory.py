@@ -30,6 +30,9 @@ def boot_memory(state: StateStore, vm_id: str) -> MemorySpec:
         return MemorySpec(path=None)
     path = SHM_DIR / f"smolvm-{vm_id}-{secrets.token_hex(4)}.mem"
     state.add_resource(vm_id, "file", str(path))
+    # Created here, 0600 and exclusively (/dev/shm is world-writable: nobody may plant a
+    # symlink or read the guest's RAM); QEMU sizes the existing file.
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
     return MemorySpec(path=path, shared=True, unlink=True)
 
 
