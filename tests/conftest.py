@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from smolvm.paths import default_socket_dir
-
 # One image build per machine, shared by every test's private data dir.
 IMAGE_DIR = Path(os.environ.get("SMOLVM_TEST_IMAGE_DIR", Path.home() / ".cache" / "smolvm-test" / "images"))
 os.environ["SMOLVM_IMAGE_DIR"] = str(IMAGE_DIR)
@@ -146,7 +144,7 @@ def shared_vm(tmp_path_factory: pytest.TempPathFactory, default_image):
         vm.start()
         yield vm
     finally:
-        vm_id = vm.vm_id
+        vm_id, sock_dir = vm.vm_id, vm.manager.socket_dir
         try:
             vm.__exit__(None, None, None)
         finally:
@@ -154,7 +152,7 @@ def shared_vm(tmp_path_factory: pytest.TempPathFactory, default_image):
             for p in leaked:
                 os.kill(p, 9)
         assert leaked == [], f"QEMU of shared VM {vm_id} survived teardown"
-        assert not list(default_socket_dir().glob(f"smolvm-{vm_id}.*")), "sockets/lock files left behind"
+        assert not list(sock_dir.glob(f"smolvm-{vm_id}.*")), "sockets/lock files left behind"
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

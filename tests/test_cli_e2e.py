@@ -90,6 +90,49 @@ def test_port_expose_list_close(cli: Ctx) -> None:
     assert "egress" in cli("info", VM).out and "public internet" in cli("info", VM).out
 
 
+def _on_a_terminal(cli: Ctx, *argv: str) -> bytes:
+    """``smolvm ARGV`` with its stdout on a pseudo-terminal; what the terminal received."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run(
+            [*SMOLVM, *argv], stdout=slave, stderr=subprocess.PIPE, env=cli_env(cli.d), timeout=120
+        )
+        os.close(slave)
+        slave = -1
+        data = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            data += chunk
+        assert p.returncode == 0, p.stderr
+        return data
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+
+def test_guest_control_sequences_are_shown_not_obeyed_on_a_terminal(cli: Ctx) -> None:
+    evil = r"printf 'a\033]52;c;cHduZWQ=\007b\033[2Jc'"  # clipboard write, clear screen
+    shown = _on_a_terminal(cli, "run", VM, "--", evil)
+    assert b"\x1b" not in shown and b"a^[]52;c;cHduZWQ=^Gb^[[2Jc" in shown, shown
+    raw = _on_a_terminal(cli, "run", VM, "--raw", "--", evil)
+    assert b"a\x1b]52;c;cHduZWQ=\x07b\x1b[2Jc" in raw, raw
+    # Through a pipe (not a terminal) the bytes are passed on untouched.
+    piped = cli("run", VM, "--", evil)
+    assert piped.out_bytes == b"a\x1b]52;c;cHduZWQ=\x07b\x1b[2Jc", str(piped)
+    # The console log is guest-written too.
+    cli("run", VM, "--", "printf '\\033]0;console-title\\007\\n' > /dev/console")
+    console = _on_a_terminal(cli, "logs", VM)
+    assert b"^[]0;console-title^G" in console and b"\x1b]0;console-title" not in console
+
+
 def test_run_passes_exit_code_and_separates_streams(cli: Ctx) -> None:
     r = cli("run", VM, "--", "echo to-out; echo to-err >&2; exit 7")
     assert r.code == 7, str(r)

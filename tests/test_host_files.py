@@ -34,8 +34,10 @@ def test_private_dir_refuses_a_directory_others_can_enter(tmp_path: Path) -> Non
 @pytest.mark.e2e
 @pytest.mark.requires("root")
 def test_another_local_user_cannot_connect_to_a_vms_sockets(shared_vm) -> None:
-    base = default_socket_dir()
-    assert base.stat().st_mode & 0o777 == 0o700 and base.stat().st_uid == os.geteuid()
+    base = shared_vm.manager.socket_dir
+    assert base == default_socket_dir(shared_vm.manager.data_dir)
+    for d in (base, base.parent):  # /tmp/smolvm-<uid>/<data dir hash>
+        assert d.stat().st_mode & 0o777 == 0o700 and d.stat().st_uid == os.geteuid()
     socks = sorted(base.glob(f"smolvm-{shared_vm.vm_id}.*.sock"))
     assert {p.name.split(".")[1] for p in socks} >= {"ctl", "agent", "net"}, socks
     for sock in socks:

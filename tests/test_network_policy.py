@@ -27,7 +27,6 @@ import pytest
 
 from conftest import VMTracker, qemu_pids_for
 from smolvm import procs
-from smolvm.paths import default_socket_dir
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e, pytest.mark.requires("root", "host-packages")]
 
@@ -346,7 +345,7 @@ def test_expose_local_serves_a_guest_port_and_delete_leaves_nothing(tracker):
             assert not procs.is_alive(int(token.split(":")[0]), token)
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port2)) != 0
-        assert not list(default_socket_dir().glob(f"smolvm-{vm_id}.*"))
+        assert not list(tracker.manager.socket_dir.glob(f"smolvm-{vm_id}.*"))
         if mode == "tap":
             rules = sh("nft", "-j", "list", "ruleset").stdout
             assert vm_id not in rules and info.network.tap_device not in sh("ip", "link").stdout

@@ -7,6 +7,7 @@ Images may live elsewhere (``$SMOLVM_IMAGE_DIR``) so many data dirs can share on
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import threading
@@ -55,10 +56,12 @@ def resolve_image_dir(data_dir: Path) -> Path:
     return p.resolve()
 
 
-def default_socket_dir() -> Path:
-    """``/tmp/smolvm-<uid>``: VM sockets (QMP controls the VM, the agent runs commands as root
-    in the guest) live in a directory only this user can enter, never loose in /tmp."""
-    return private_dir(Path("/tmp") / f"smolvm-{os.geteuid()}")
+def default_socket_dir(data_dir: Path) -> Path:
+    """``/tmp/smolvm-<uid>/<data-dir hash>``: VM sockets (QMP controls the VM, the agent runs
+    commands as root in the guest) live where only this user can enter, never loose in
+    /tmp, and apart per data dir (two data dirs may both have a VM called "web")."""
+    base = private_dir(Path("/tmp") / f"smolvm-{os.geteuid()}")
+    return private_dir(base / hashlib.sha256(str(data_dir).encode()).hexdigest()[:8])
 
 
 def private_dir(p: Path) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -293,3 +294,20 @@ def data_dir() -> Path:
     from smolvm.paths import resolve_data_dir
 
     return resolve_data_dir(OPTS.data_dir)
+
+
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\xc2[\x80-\x9f]")
+
+
+def neutralize(data: bytes) -> bytes:
+    """Guest output made harmless for a terminal: control characters (ESC starts sequences
+    that can set the title, write the clipboard or rewrite the screen) shown as ``^[``-style
+    text; newlines, tabs and carriage returns kept."""
+
+    def show(m: re.Match[bytes]) -> bytes:
+        b = m[0]
+        if len(b) == 2:  # a UTF-8 encoded C1 control (e.g. CSI)
+            return b"\\x%02x" % b[1]
+        return b"^?" if b == b"\x7f" else b"^" + bytes([b[0] ^ 0x40])
+
+    return _CONTROL.sub(show, data)

@@ -32,6 +32,13 @@ VmId = Annotated[str, typer.Argument(help="VM id (see `smolvm list`).", metavar=
 
 
 # ---------------------------------------------------------------------- run
+def _is_tty(stream: Any) -> bool:
+    try:
+        return os.isatty(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class _Sink:
     """Writes guest output to our stdout/stderr as it arrives.
 
@@ -43,14 +50,16 @@ class _Sink:
 
     broken = False
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, *, raw: bool = False) -> None:
         self.stream = stream
+        # Guest output is hostile: on a terminal its control sequences are shown, not obeyed.
+        self.clean = not raw and _is_tty(stream)
 
     def __call__(self, chunk: bytes) -> None:
         if _Sink.broken:
             return
         try:
-            self.stream.write(chunk)
+            self.stream.write(common.neutralize(chunk) if self.clean else chunk)
             self.stream.flush()
         except BrokenPipeError:
             _Sink.broken = True
@@ -84,6 +93,7 @@ def _run_in(
     env: dict[str, str],
     cwd: str | None,
     stdin: bytes | None,
+    raw: bool = False,
 ) -> int:
     from smolvm.exceptions import OperationTimeoutError
 
@@ -98,8 +108,8 @@ def _run_in(
             env=env or None,
             cwd=cwd,
             stdin=stdin,
-            on_stdout=_Sink(sys.stdout.buffer),
-            on_stderr=_Sink(sys.stderr.buffer),
+            on_stdout=_Sink(sys.stdout.buffer, raw=raw),
+            on_stderr=_Sink(sys.stderr.buffer, raw=raw),
         )
     except OperationTimeoutError as exc:
         common.report_error(exc)
@@ -146,6 +156,10 @@ def run(
     boot_timeout: Annotated[
         float, typer.Option("--boot-timeout", help="With --rm: boot timeout in seconds.")
     ] = 60.0,
+    raw: Annotated[
+        bool,
+        typer.Option("--raw", help="Pass the guest's terminal control sequences through to this terminal."),
+    ] = False,
     no_audit: Annotated[
         bool, typer.Option("--no-audit", help="Do not record the command in the audit log (`smolvm audit`).")
     ] = False,
@@ -185,13 +199,14 @@ def run(
                 vcpus=vcpus,
                 boot_timeout=boot_timeout,
                 callbacks=callbacks,
+                raw=raw,
             )
         else:
             with open_vm(vm_id, running=True) as vm:
                 for cb in callbacks:
                     vm.add_callback(cb)
                 code = _run_in(
-                    vm, command, timeout=timeout, shell=shell, env=per_cmd_env, cwd=cwd, stdin=data
+                    vm, command, timeout=timeout, shell=shell, env=per_cmd_env, cwd=cwd, stdin=data, raw=raw
                 )
     finally:
         for cb in callbacks:

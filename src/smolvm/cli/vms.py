@@ -390,8 +390,12 @@ def logs(
         typer.Option("--follow", "-f", help="Keep printing new output until the VM stops (Ctrl-C to quit)."),
     ] = False,
     lines: Annotated[int | None, typer.Option("--lines", "-n", help="Only the last N lines.", min=0)] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Pass the guest's terminal control sequences through.")
+    ] = False,
 ) -> None:
     """Print the VM's serial console log (kernel and init messages)."""
+    clean = not raw and sys.stdout.isatty()  # the console is guest-written: never obeyed
     with open_manager() as m:
         m.get(vm_id)
         path = m.vm_dir(vm_id) / "serial.log"
@@ -403,7 +407,7 @@ def logs(
             parts = data.splitlines(keepends=True)
             data = b"".join(parts[-lines:]) if lines else b""
         stdout = sys.stdout.buffer
-        stdout.write(data)
+        stdout.write(common.neutralize(data) if clean else data)
         stdout.flush()
         if not follow:
             return
@@ -422,7 +426,7 @@ def logs(
                         f.seek(pos)
                         chunk = f.read(size - pos)
                     pos += len(chunk)
-                    stdout.write(chunk)
+                    stdout.write(common.neutralize(chunk) if clean else chunk)
                     stdout.flush()
                     continue
                 if time.monotonic() - last_check > 1.0:

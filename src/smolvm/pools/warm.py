@@ -443,7 +443,8 @@ def default_pool(data_dir: Path | None = None, socket_dir: Path | None = None) -
     size = pool_size_from_env()
     if size <= 0:
         return None
-    key = (str(resolve_data_dir(data_dir)), str(Path(socket_dir) if socket_dir else default_socket_dir()))
+    resolved = resolve_data_dir(data_dir)
+    key = (str(resolved), str(Path(socket_dir) if socket_dir else default_socket_dir(resolved)))
     with _defaults_lock:
         p = _defaults.get(key)
         if p is None or p.closed:

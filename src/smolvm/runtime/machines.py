@@ -86,7 +86,7 @@ class Runtime:
         state: StateStore | None = None,
     ) -> None:
         self.data_dir = resolve_data_dir(data_dir)
-        self.socket_dir = Path(socket_dir) if socket_dir else default_socket_dir()
+        self.socket_dir = Path(socket_dir) if socket_dir else default_socket_dir(self.data_dir)
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self.backend = resolve_backend(backend)
         self.disk_dir = self.data_dir / "disks"
