@@ -39,6 +39,7 @@ HOST_PACKAGES_WHY: dict[str, str] = {
     "slirp4netns": "uplink of each user-mode VM's own network namespace (the sealed network)",
     "dnsmasq-base": "the resolver of a sandbox with named allowed_domains",
     "sniproxy": "the Host/SNI-checking proxy of a sandbox with named allowed_domains",
+    "socat": "TAP-mode port forwards on 127.0.0.1",
 }
 HOST_PACKAGES: list[str] = list(HOST_PACKAGES_WHY)
 

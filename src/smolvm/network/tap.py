@@ -7,15 +7,13 @@ is called ``smv-<id>`` (at most 15 characters). All rules live in one nftables t
 release removes exactly that VM's rules:
 
 * ``nat_postrouting``: the guest's traffic leaving through any non-TAP interface is
-  masqueraded; traffic from 127.0.0.0/8 redirected into the VM's TAP is SNATed to the
-  gateway address (so the guest can answer it).
-* ``nat_output``: ``127.0.0.1:<host_port>`` → ``<guest>:<guest_port>`` (DNAT of locally
-  generated packets only: nothing is reachable from other machines), including SSH on a
-  reserved port, so ``NetworkInfo.ssh_host_port`` works as in user mode.
-* ``forward``: one shared rule that drops traffic between two VMs' TAPs.
+  masqueraded.
+* ``input`` / ``forward``: the egress policy (``policy.tap_input_rules``/``tap_vm_rules``):
+  no host service, no other TAP, no private or link-local range unless allowed.
 
-Redirecting loopback traffic into a TAP needs ``route_localnet`` on that TAP only (we set it
-per device rather than on ``all``, which would accept 127/8 on every interface).
+Forwards (SSH on a reserved port, ``port_forwards``, ``expose_local``) are ``socat`` relays
+on 127.0.0.1 (``forwarder.py``), not DNATs of 127.0.0.1: those need ``route_localnet`` on
+the TAP, which would route loopback addresses to and from the guest.
 
 Every host resource is recorded in the state store *before* it is created (kinds
 ``lease`` — the /30 itself, taken atomically by a UNIQUE insert —, ``tap``, ``nft`` and the
@@ -41,9 +39,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from smolvm import procs
 from smolvm.exceptions import NetworkError
 from smolvm.locks import file_lock
-from smolvm.network import policy
+from smolvm.network import forwarder, policy
 from smolvm.network.ports import mac_for, reserve_ports
 from smolvm.state import StateStore
 from smolvm.types import InternetSettings, NetworkInfo
@@ -57,7 +56,6 @@ TAP_PREFIX = "smv-"
 IFNAMSIZ = 15
 NFT_FAMILY = "ip"
 NFT_TABLE = "smolvm"
-CHAIN_OUTPUT = "nat_output"
 CHAIN_POSTROUTING = "nat_postrouting"
 CHAIN_FORWARD = "forward"
 CHAIN_INPUT = "input"
@@ -210,18 +208,6 @@ def _base_objects() -> list[dict[str, Any]]:
             "add": {
                 "chain": {
                     **t,
-                    "name": CHAIN_OUTPUT,
-                    "type": "nat",
-                    "hook": "output",
-                    "prio": -100,
-                    "policy": "accept",
-                }
-            }
-        },
-        {
-            "add": {
-                "chain": {
-                    **t,
                     "name": CHAIN_POSTROUTING,
                     "type": "nat",
                     "hook": "postrouting",
@@ -257,21 +243,10 @@ def _base_objects() -> list[dict[str, Any]]:
     ]
 
 
-def vm_rules(tag: str, tap: str, guest: str, gateway: str, forwards: dict[int, int]) -> list[dict[str, Any]]:
-    """nftables commands adding one VM's rules (``forwards``: 127.0.0.1 port → guest port)."""
-    out = [_forward_rule(tag, guest, h, g) for h, g in forwards.items()]
-    # Loopback-sourced packets redirected into the TAP: the guest must answer the gateway.
-    out.append(
-        _rule(
-            CHAIN_POSTROUTING,
-            tag,
-            _m(_meta("oifname"), tap),
-            _m(_field("ip", "saddr"), {"prefix": {"addr": "127.0.0.0", "len": 8}}),
-            {"snat": {"addr": gateway}},
-        )
-    )
-    # The guest's own traffic leaving the host (not towards another TAP).
-    out.append(
+def vm_rules(tag: str, guest: str) -> list[dict[str, Any]]:
+    """nftables commands adding one VM's NAT: its own traffic leaving the host (not
+    towards another TAP) is masqueraded."""
+    return [
         _rule(
             CHAIN_POSTROUTING,
             tag,
@@ -279,19 +254,7 @@ def vm_rules(tag: str, tap: str, guest: str, gateway: str, forwards: dict[int, i
             _m(_meta("oifname"), TAP_PREFIX + "*", "!="),
             {"masquerade": None},
         )
-    )
-    return out
-
-
-def _forward_rule(tag: str, guest: str, host_port: int, guest_port: int) -> dict[str, Any]:
-    return _rule(
-        CHAIN_OUTPUT,
-        tag,
-        _m(_field("ip", "daddr"), "127.0.0.1"),
-        _m(_meta("l4proto"), "tcp"),
-        _m(_field("tcp", "dport"), int(host_port)),
-        {"dnat": {"addr": guest, "port": int(guest_port)}},
-    )
+    ]
 
 
 def _shared_rules(existing: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -402,8 +365,6 @@ def _create_tap(ipr: Any, name: str, gateway: str, prefix: int) -> None:
         ipr.link("set", index=idx, state="up")
     except (NetlinkError, OSError, IndexError) as exc:
         raise NetworkError(f"cannot create TAP device {name}: {exc}", {"tap": name}) from exc
-    # Lets 127.0.0.1 forwards be DNATed into this TAP (only this device, not "all").
-    _set_sysctl(f"net/ipv4/conf/{name}/route_localnet", "1")
 
 
 def delete_tap_device(name: str) -> None:
@@ -468,9 +429,8 @@ def allocate_tap(
 
             ssh_port = reserve_ports(state, vm_id, forwards)
 
-            all_fwd = {ssh_port: 22, **{int(h): int(g) for h, g in forwards.items()}}
             cmds = _base_objects() + _shared_rules(nft_rules() or [])
-            cmds += vm_rules(tag, tap, guest, gateway, all_fwd)
+            cmds += vm_rules(tag, guest)
             cmds += policy_rules(tag, tap, guest, settings or InternetSettings())
             state.add_resource(vm_id, "nft", tag)
             nft_apply(cmds)
@@ -494,51 +454,34 @@ def allocate_tap(
     )
 
 
+def start_forwards(state: StateStore, vm_id: str, net: NetworkInfo) -> None:
+    """Before a TAP VM starts: its relays for SSH and ``port_forwards`` (helpers)."""
+    fwd = {net.ssh_host_port: 22} if net.ssh_host_port else {}
+    fwd.update({int(h): int(g) for h, g in net.port_forwards.items()})
+    for h, g in fwd.items():
+        add_forward(state, vm_id, net, h, g)
+
+
 def add_forward(state: StateStore, vm_id: str, net: NetworkInfo, host_port: int, guest_port: int) -> None:
-    """Add ``127.0.0.1:host_port`` → guest ``guest_port`` to a running TAP VM."""
-    if not net.tap_device or not net.guest_ip:
+    """Relay ``127.0.0.1:host_port`` to the guest's ``guest_port`` (a recorded helper)."""
+    if not net.guest_ip:
         raise NetworkError(f"VM {vm_id} has no TAP lease recorded; delete and re-create it")
-    tag = rule_tag(vm_id, net.tap_device)
-    with host_lock():
-        state.add_resource(vm_id, "nft", tag)
-        nft_apply([_forward_rule(tag, net.guest_ip, host_port, guest_port)])
+    forwarder.start(
+        host_port,
+        net.guest_ip,
+        guest_port,
+        lambda pid: state.add_resource(vm_id, "helper", procs.process_token(pid)),
+    )
 
 
-def remove_forward(vm_id: str, net: NetworkInfo, host_port: int) -> None:
-    """Remove the DNAT rule of ``host_port`` from a TAP VM (idempotent)."""
-    if not net.tap_device:
-        return
-    tag = rule_tag(vm_id, net.tap_device)
-    with host_lock():
-        mine = [
-            r
-            for r in nft_rules() or []
-            if r.get("comment") == tag and r.get("chain") == CHAIN_OUTPUT and _dport_of(r) == host_port
-        ]
-        if mine:
-            nft_apply(
-                [
-                    {
-                        "delete": {
-                            "rule": {
-                                "family": NFT_FAMILY,
-                                "table": NFT_TABLE,
-                                "chain": r["chain"],
-                                "handle": r["handle"],
-                            }
-                        }
-                    }
-                    for r in mine
-                ]
-            )
-
-
-def _dport_of(rule: dict[str, Any]) -> int | None:
-    for e in rule.get("expr", []):
-        m = e.get("match") if isinstance(e, dict) else None
-        if m and m.get("left") == _field("tcp", "dport"):
-            return int(m["right"])
-    return None
+def remove_forward(state: StateStore, vm_id: str, host_port: int) -> None:
+    """Stop the relay of ``host_port`` (idempotent)."""
+    for r in state.resources(vm_id, "helper"):
+        pid = int(r["value"].split(":")[0])
+        if procs.is_alive(pid, r["value"]) and forwarder.serves(pid, host_port):
+            procs.kill(pid, r["value"])
+            procs.wait_gone(pid, 5.0, r["value"])
+            state.remove_resource("helper", r["value"])
 
 
 def remove_resource(kind: str, value: str) -> None:
@@ -576,10 +519,8 @@ def ensure_tap(
     with host_lock(), _ipr() as ipr:
         state.add_resource(vm_id, "tap", net.tap_device)
         _create_tap(ipr, net.tap_device, net.gateway_ip, prefix_of(net.netmask))
-        fwd = {net.ssh_host_port: 22} if net.ssh_host_port else {}
-        fwd.update({int(h): int(g) for h, g in net.port_forwards.items()})
         cmds = _base_objects() + _shared_rules(nft_rules() or [])
-        cmds += vm_rules(tag, net.tap_device, net.guest_ip, net.gateway_ip, fwd)
+        cmds += vm_rules(tag, net.guest_ip)
         cmds += policy_rules(tag, net.tap_device, net.guest_ip, settings or InternetSettings())
         state.add_resource(vm_id, "nft", tag)
         nft_apply(cmds)

@@ -35,7 +35,7 @@ from smolvm.images.builder import ImageBuilder
 from smolvm.images.configdisk import build_config_disk
 from smolvm.keys import HostKey, ensure_client_key, write_known_hosts
 from smolvm.network import NetworkManager
-from smolvm.network.tap import ensure_tap
+from smolvm.network.tap import ensure_tap, start_forwards
 from smolvm.paths import default_socket_dir, resolve_data_dir, resolve_image_dir
 from smolvm.runtime import channels, resources
 from smolvm.runtime.identity import env_file_text, refresh_clock_and_entropy
@@ -332,8 +332,11 @@ class Runtime:
         if spec.memory is None and backend.supports_memory_file:
             spec.memory = boot_memory(self.state, vm_id)  # shared RAM file: fast snapshots
         try:
+            if rec.network.mode == "tap":
+                start_forwards(self.state, vm_id, rec.network)  # socat relays on 127.0.0.1
             pid = backend.launch(spec)
         except SmolVMError as exc:
+            resources.kill_processes(self.state, vm_id)  # helpers started so far
             self.state.update_vm(vm_id, status=VMState.ERROR, error=str(exc))
             raise
         mem: MemorySpec | None = spec.memory
@@ -388,14 +391,12 @@ class Runtime:
 
     def serial_tail(self, vm_id: str, n: int = 4000) -> str:
         """The last ``n`` bytes of the VM's serial console, as text."""
-        p = self.vm_dir(vm_id) / "serial.log"
         try:
-            with open(p, "rb") as f:
+            with open(self.vm_dir(vm_id) / "serial.log", "rb") as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - n))
-                data = f.read(n)
+                return f.read(n).decode("utf-8", "replace")
         except OSError:
             return ""
-        return data.decode("utf-8", "replace")
 
     # ------------------------------------------------------------------ stop / delete
     def stop(self, vm_id: str, timeout: float = STOP_TIMEOUT) -> VMInfo:

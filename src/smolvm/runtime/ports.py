@@ -2,7 +2,7 @@
 
 A forward is a reserved port row first (the ledger), then the VM's ``port_forwards``, so
 a restart re-creates it and delete/``reconcile()`` remove it; on a running VM it is also
-added live (QEMU ``hostfwd`` + the sandbox uplink in user mode, a DNAT rule in TAP mode).
+added live (QEMU ``hostfwd`` + the sandbox uplink in user mode, a socat relay in TAP mode).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def unexpose(rt: Runtime, vm_id: str, host_port: int) -> None:
         )
     if rec.status in LIVE:
         if net.mode == "tap":
-            tap.remove_forward(vm_id, net, host_port)
+            tap.remove_forward(rt.state, vm_id, host_port)
         else:
             rt.backend_for(rec.backend).remove_forward(rt.spec(rec), host_port)
     fwd = {h: g for h, g in net.port_forwards.items() if h != host_port}
