@@ -165,6 +165,12 @@ def check_network() -> list[Check]:
                 "run as root for network='tap' (network='user', the default, needs nothing)",
             )
         )
+    if not shutil.which("socat"):
+        checks.append(
+            Check(
+                "socat", WARN, "socat not found: TAP-mode port forwards cannot start", "apt-get install socat"
+            )
+        )
     nft = shutil.which("nft")
     checks.append(
         Check("nft", OK, nft)

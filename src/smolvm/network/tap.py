@@ -410,6 +410,7 @@ def allocate_tap(
     """Lease a /30, create the VM's TAP and its NAT/forward rules; return how to reach it."""
     require_root()
     _nft_bin()
+    forwarder.socat()  # its forwards need it: fail before creating anything
     tap = tap_name(vm_id)
     tag = rule_tag(vm_id, tap)
     try:
