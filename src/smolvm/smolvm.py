@@ -32,10 +32,9 @@ from smolvm.options import (
 )
 from smolvm.runtime import BOOT_TIMEOUT, STOP_TIMEOUT
 from smolvm.runtime.channels import with_scp
-from smolvm.runtime.identity import env_file_text, parse_env_file
+from smolvm.runtime.identity import read_guest_env, write_guest_env
 from smolvm.snapshots import SnapshotInfo
 from smolvm.transports.base import (
-    GUEST_ENV_FILE,
     ExecRequest,
     OutputCallback,
     ProcessHandle,
@@ -516,8 +515,7 @@ class SmolVM:
     # ------------------------------------------------------------------ env vars
     def list_env_vars(self) -> dict[str, str]:
         """Variables in the guest's /etc/profile.d/smolvm_env.sh."""
-        res = self._channel().exec(ExecRequest(f"cat {GUEST_ENV_FILE} 2>/dev/null; true", "raw", 30))
-        return parse_env_file(res.stdout)
+        return read_guest_env(self._channel())
 
     def set_env_vars(self, env_vars: dict[str, str], *, merge: bool = True) -> dict[str, str]:
         """Persist variables for login-shell commands (survive stop/start); returns all vars."""
@@ -534,17 +532,7 @@ class SmolVM:
         return current
 
     def _write_env(self, env: dict[str, str]) -> None:
-        text = env_file_text(env)
-        req = ExecRequest(
-            f"cat > {GUEST_ENV_FILE}.tmp && chmod 644 {GUEST_ENV_FILE}.tmp && "
-            f"mv {GUEST_ENV_FILE}.tmp {GUEST_ENV_FILE}",
-            "raw",
-            30,
-            stdin=text.encode(),
-        )
-        res = self._channel().exec(req)
-        if not res.ok:
-            raise SmolVMError(f"writing {GUEST_ENV_FILE} failed: {res.stderr.strip()}")
+        write_guest_env(self._channel(), env)
         self._manager.set_config_env(self.vm_id, env)
 
     # ------------------------------------------------------------------ files

@@ -10,9 +10,9 @@ import os
 import shlex
 from dataclasses import dataclass
 
-from smolvm.exceptions import SnapshotError
+from smolvm.exceptions import SmolVMError, SnapshotError
 from smolvm.transports.agent import AgentTransport
-from smolvm.transports.base import GUEST_ENV_FILE, ExecRequest
+from smolvm.transports.base import GUEST_ENV_FILE, ExecRequest, Transport
 from smolvm.types import validate_env_key
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,20 @@ def env_file_text(env: dict[str, str]) -> str:
         validate_env_key(k)
         lines.append(f"export {k}={shlex.quote(str(env[k]))}\n")
     return "".join(lines)
+
+
+def read_guest_env(t: Transport) -> dict[str, str]:
+    """The variables of the guest's env file (login shells load it)."""
+    return parse_env_file(t.exec(ExecRequest(f"cat {GUEST_ENV_FILE} 2>/dev/null; true", "raw", 30)).stdout)
+
+
+def write_guest_env(t: Transport, env: dict[str, str]) -> None:
+    """Replace the guest's env file atomically with ``env``."""
+    tmp = f"{GUEST_ENV_FILE}.tmp"
+    cmd = f"cat > {tmp} && chmod 644 {tmp} && mv {tmp} {GUEST_ENV_FILE}"
+    res = t.exec(ExecRequest(cmd, "raw", 30, stdin=env_file_text(env).encode()))
+    if not res.ok:
+        raise SmolVMError(f"writing {GUEST_ENV_FILE} failed: {res.stderr.strip()}")
 
 
 def parse_env_file(text: str) -> dict[str, str]:
