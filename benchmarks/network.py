@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -76,7 +77,15 @@ def fake_internet() -> Iterator[None]:
              f"--listen-address={NS_ADDR}", "--bind-interfaces", f"--address=/bench.test/{NS_ADDR}",
              "--user=root", "--pid-file="],
         )  # fmt: skip
-        time.sleep(0.5)  # benchmark setup only: servers in the namespace come up
+        deadline = time.monotonic() + 20
+        while True:  # the namespace's web server answers the host
+            try:
+                socket.create_connection((NS_ADDR, 80), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         yield
     finally:
         for p in (server, locals().get("dns")):
