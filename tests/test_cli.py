@@ -182,6 +182,10 @@ def test_no_args_shows_help(ddir: Path) -> None:
         ["create", "--channel", "pigeon"],
         ["create", "--env", "NOEQUALS"],
         ["create", "--env", "1BAD=x"],
+        ["create", "--no-internet", "--allow-domain", "pypi.org"],
+        ["create", "--allow-cidr", "10.0.0.0/33"],
+        ["create", "--allow-domain", "not a name"],
+        ["port", "expose", "some-vm", "0"],
         ["run"],
         ["run", "some-vm"],
         ["run", "--shell", "zsh", "vm", "--", "true"],
@@ -483,3 +487,25 @@ def test_audit_and_snapshots_empty(tmp_path: Path) -> None:
     assert r.code == 0 and r.json() == [], str(r)
     r = smolvm(tmp_path, "snapshot", "rm", "nope")
     assert r.code == 1 and "nope" in one_line_error(r), str(r)
+
+
+def test_create_records_the_egress_policy(tmp_path: Path, default_image) -> None:
+    d = tmp_path / "data"
+    policy = ["--allow-domain", "pypi.org", "--allow-domain", "*.example.com", "--allow-cidr", "10.9.0.0/16"]
+    r = smolvm(d, "create", "--id", "cli-egress", *policy, "--dns", "198.51.100.53")
+    assert r.code == 0, str(r)
+    net = smolvm(d, "info", "cli-egress", "--json").json()["config"]["internet_settings"]
+    assert net == {
+        "allowed_domains": ["pypi.org", "*.example.com"],
+        "allowed_cidrs": ["10.9.0.0/16"],
+        "dns_servers": ["198.51.100.53"],
+    }
+    assert "HTTP(S) to pypi.org, *.example.com + 10.9.0.0/16" in smolvm(d, "info", "cli-egress").out
+    r = smolvm(d, "create", "--id", "cli-sealed", "--no-internet")
+    assert r.code == 0, str(r)
+    assert (
+        smolvm(d, "info", "cli-sealed", "--json").json()["config"]["internet_settings"]["allowed_domains"]
+        == []
+    )
+    for vm in ("cli-egress", "cli-sealed"):
+        assert smolvm(d, "delete", vm).code == 0
