@@ -88,3 +88,18 @@ def test_guest_ram_and_qemu_files_are_owner_only(vms) -> None:
     assert all(os.stat(p).st_mode & 0o777 == 0o600 for p in ram)
     # QEMU runs with umask 077: its pidfile (and anything else it creates) is 0600.
     assert (vms.manager.vm_dir(vm.vm_id) / "qemu.pid").stat().st_mode & 0o777 == 0o600
+
+
+def test_rootless_without_tun_access_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from smolvm.exceptions import NetworkError
+    from smolvm.network import sandbox
+    from smolvm.types import InternetSettings
+
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(sandbox.os, "access", lambda path, mode: path != "/dev/net/tun")
+    sb = sandbox.NetSandbox(dir=tmp_path, api_socket=tmp_path / "api.sock", settings=InternetSettings())
+    with open(tmp_path / "log", "wb") as log, pytest.raises(NetworkError, match="chmod 0666 /dev/net/tun"):
+        sandbox.launch(["/bin/false"], sb, stderr=log)
+    assert not (tmp_path / "netns.go").exists() and not (tmp_path / "resolv.conf").exists()

@@ -112,9 +112,9 @@ def check_tsc() -> Check:
 def check_sealed_network() -> list[Check]:
     """User mode (the default) runs each VM in its own namespace; say what that needs and
     what each mode isolates."""
-    from smolvm.network.sandbox import missing_tools
+    from smolvm.network.sandbox import missing_tools, tun_usable
 
-    missing = missing_tools()
+    missing = missing_tools() + ([] if tun_usable() else ["access to /dev/net/tun"])
     core = [t for t in missing if t not in ("dnsmasq", "sniproxy", "ip")]
     checks = [
         Check(

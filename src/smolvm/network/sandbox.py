@@ -114,6 +114,11 @@ def rootless() -> bool:
     return os.geteuid() != 0
 
 
+def tun_usable() -> bool:
+    """This user can open /dev/net/tun (root always can)."""
+    return os.geteuid() == 0 or os.access("/dev/net/tun", os.R_OK | os.W_OK)
+
+
 def _ns_flags(pid: int) -> list[str]:
     user = ["--user", "--preserve-credentials"] if rootless() else []
     return [_tool("nsenter"), f"--target={pid}", "--net", *user, "--"]
@@ -144,6 +149,12 @@ def launch(argv: list[str], sb: NetSandbox, *, stderr: IO[bytes]) -> subprocess.
     ``unshare`` and the wrapper ``exec`` into it)."""
     for t in TOOLS + (DOMAIN_TOOLS if sb.settings.domains else ()):
         _tool(t)
+    if rootless() and not tun_usable():
+        raise NetworkError(
+            "user-mode networking without root needs /dev/net/tun readable and writable by you "
+            "(slirp4netns creates the sandbox's uplink with it): `sudo chmod 0666 /dev/net/tun` "
+            "(the usual distribution default), run as root, or use network='none'"
+        )
     sb.resolv.write_text(resolv_conf(sb.guest_dns))
     sb.fifo.unlink(missing_ok=True)
     os.mkfifo(sb.fifo, 0o600)
