@@ -104,6 +104,13 @@ def test_context_fields(vm):
     ctx = seen[0]
     assert (ctx.vm_id, ctx.command, ctx.shell, ctx.timeout) == (vm.vm_id, "exit 3", "login", 9)
     assert ctx.result is not None and ctx.result.exit_code == 3 and ctx.error is None
+    assert (ctx.env, ctx.cwd, ctx.stdin) == (None, None, None)
+    # Guards see the whole request: environment, working directory and stdin too.
+    vm.run("cat", env={"K": "v"}, cwd="/tmp", stdin=b"rm -rf /")
+    ctx = seen[1]
+    assert (ctx.env, ctx.cwd, ctx.stdin) == ({"K": "v"}, "/tmp", b"rm -rf /")
+    vm.spawn("true", env={"S": "1"}, cwd="/").wait(30)
+    assert (seen[2].env, seen[2].cwd, seen[2].timeout) == ({"S": "1"}, "/", 0)
 
 
 def test_post_run_exceptions_are_logged_and_swallowed(vm, caplog):

@@ -116,3 +116,18 @@ def test_command_result_properties():
 def test_merge_boot_args_keeps_user_values():
     merged = merge_boot_args("console=ttyS0 panic=1 init=/init", ["panic=-1", "quiet", "tsc_early_khz=1"])
     assert merged.split() == ["console=ttyS0", "panic=1", "init=/init", "quiet", "tsc_early_khz=1"]
+
+
+def test_a_qcow2_rootfs_with_a_backing_file_is_refused(tmp_path: Path) -> None:
+    """QEMU would follow the backing chain to any host file the image names."""
+    import subprocess
+
+    base, over, flat = tmp_path / "base.raw", tmp_path / "over.qcow2", tmp_path / "flat.qcow2"
+    base.write_bytes(b"\0" * 65536)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(over)], check=True
+    )
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(flat), "1M"], check=True)
+    with pytest.raises(ValidationError, match="backing file"):
+        VMConfig(rootfs_path=over)
+    assert VMConfig(rootfs_path=flat).rootfs_path == flat.resolve()

@@ -156,3 +156,17 @@ def test_custom_debian_ssh_image_with_password(vms):
     vm.stop()
     vm.delete()
     builder.remove("test-custom")
+
+
+@pytest.mark.requires("root")
+def test_apt_download_dir_belongs_to_apt_not_everyone(tmp_path):
+    """As root, apt downloads as `_apt`: the directory is that user's, 0700, never 0777."""
+    import pwd
+
+    from smolvm.images import kernel
+
+    d = tmp_path / "apt"
+    d.mkdir(mode=0o755)
+    kernel._give_to_apt(d)
+    st = d.stat()
+    assert st.st_uid == pwd.getpwnam("_apt").pw_uid and st.st_mode & 0o777 == 0o700

@@ -24,6 +24,11 @@ class RunContext:
     timeout: float | None
     result: CommandResult | None = None
     error: Exception | None = None
+    #: The rest of the request, so a guard sees all of it (None when not given): extra
+    #: environment variables, working directory, bytes fed to the command's stdin.
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    stdin: bytes | None = None
 
 
 class Callback:

@@ -438,7 +438,7 @@ class SmolVM:
         (the VM is then ERROR; the message ends with its console tail).
         """
         req = self._request(command, timeout, shell, env, cwd, stdin, limits, max_output_bytes, capture)
-        ctx = RunContext(vm_id=self.vm_id, command=command, shell=shell, timeout=timeout)
+        ctx = RunContext(self.vm_id, command, shell, timeout, env=env, cwd=cwd, stdin=stdin)
         return run_with_callbacks(
             self._callbacks,
             ctx,
@@ -467,7 +467,7 @@ class SmolVM:
         :meth:`run`."""
         req = self._request(command, None, shell, env, cwd, None, limits)
         req.detach = detach
-        ctx = RunContext(vm_id=self.vm_id, command=command, shell=shell, timeout=0)
+        ctx = RunContext(self.vm_id, command, shell, 0, env=env, cwd=cwd)
         run_pre_hooks(self._callbacks, ctx)
         return self._crash_checked(
             lambda: self._channel().spawn(req, on_stdout=on_stdout, on_stderr=on_stderr)

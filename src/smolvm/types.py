@@ -320,6 +320,12 @@ class VMConfig(_Model):
         p = Path(v).expanduser()
         if not p.is_file():
             raise ValueError(f"file does not exist: {p}")
+        if _qcow2_backing(p):
+            # QEMU would open the backing chain too: any host file the header names.
+            raise ValueError(
+                f"{p} is a qcow2 image with a backing file; flatten it first "
+                "(qemu-img convert -O qcow2 in.qcow2 flat.qcow2) or pass a raw image"
+            )
         return p.resolve()
 
     @field_validator("boot_args")
@@ -345,6 +351,16 @@ class VMConfig(_Model):
             if not (1024 <= int(hp) <= 65535) or not (1 <= int(gp) <= 65535):
                 raise ValueError(f"port forward {hp}->{gp}: host port must be 1024-65535, guest 1-65535")
         return v
+
+
+def _qcow2_backing(p: Path) -> bool:
+    """``p`` is a qcow2 image whose header names a backing file."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    return len(head) == 16 and head[:4] == b"QFI\xfb" and int.from_bytes(head[8:16], "big") != 0
 
 
 def validate_env_key(key: str) -> str:

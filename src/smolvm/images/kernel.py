@@ -7,6 +7,8 @@ decompressor, which is slow under TCG (see platform notes).
 from __future__ import annotations
 
 import lzma
+import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -56,12 +58,25 @@ def resolve_kernel_package() -> tuple[str, str]:
     return name, vm.group(1) if vm else "unknown"
 
 
+def _give_to_apt(d: Path) -> None:
+    """As root, apt downloads as its sandbox user ``_apt``: that user gets the directory
+    (0700), not everyone (0777 would let any local user swap the .debs we unpack as root)."""
+    if os.geteuid() != 0:
+        return
+    try:
+        apt = pwd.getpwnam("_apt")
+    except KeyError:
+        return  # no sandbox user: apt downloads as root
+    os.chown(d, apt.pw_uid, apt.pw_gid)
+    d.chmod(0o700)
+
+
 def download_debs(names: list[str], dest: Path) -> list[Path]:
     """``apt-get download`` into ``dest`` (run as a throwaway cwd so apt's sandbox user can write)."""
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="smolvm-apt-"))
     try:
-        tmp.chmod(0o777)
+        _give_to_apt(tmp)
         run(["apt-get", "download", "-q", *names], cwd=tmp, what="downloading Debian packages")
         out = []
         for deb in tmp.glob("*.deb"):
