@@ -37,7 +37,10 @@ from smolvm.guards.rules import (
     normpath,
     resolve_path,
 )
+from smolvm.guards.strict import STRICT_BUILTIN, STRICT_RULES, children, self_spawning, spawn_loop
 from smolvm.guards.wrappers import unwrap
+
+TOO_LONG = "too-long"
 
 # --------------------------------------------------------------------------------------
 # Verdicts and the policy
@@ -89,6 +92,10 @@ class SafetyPolicy:
         max_depth: nesting limit for re-parsed command strings; deeper is treated as
             unparseable.
         extra_rules: additional :class:`Rule` objects run after the built-in ones.
+        strict: also block what cannot be judged statically (see ``guards.strict``):
+            expansions as command names, ``eval`` or destructive targets, a shell reading an
+            unseen script, ``xargs`` into destructive commands, endless loops of background jobs.
+        max_command_length: longer commands are blocked (rule ``too-long``).
     """
 
     disabled_rules: frozenset[str] = frozenset()
@@ -99,6 +106,8 @@ class SafetyPolicy:
     block_device_reads: bool = False
     max_depth: int = 8
     extra_rules: tuple[Rule, ...] = ()
+    strict: bool = False
+    max_command_length: int = 1_048_576
     _allow_re: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
     _protected_norm: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
@@ -108,7 +117,7 @@ class SafetyPolicy:
         object.__setattr__(self, "protected_paths", tuple(self.protected_paths))
         object.__setattr__(self, "allow_patterns", tuple(self.allow_patterns))
         object.__setattr__(self, "extra_rules", tuple(self.extra_rules))
-        known = set(RULES) | {UNPARSEABLE} | {r.name for r in self.extra_rules}
+        known = set(RULES) | {UNPARSEABLE, TOO_LONG} | set(STRICT_RULES) | {r.name for r in self.extra_rules}
         unknown = sorted(set(self.disabled_rules) - known)
         if unknown:
             raise ValidationError(
@@ -151,7 +160,8 @@ class SafetyPolicy:
     @property
     def rules(self) -> tuple[Rule, ...]:
         """The rules that run, in order."""
-        return tuple(r for r in (*BUILTIN_RULES, *self.extra_rules) if self.is_enabled(r.name))
+        strict = STRICT_BUILTIN if self.strict else ()
+        return tuple(r for r in (*BUILTIN_RULES, *strict, *self.extra_rules) if self.is_enabled(r.name))
 
 
 # --------------------------------------------------------------------------------------
@@ -177,14 +187,18 @@ _PARAM = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
 
 class _Analyzer:
-    def __init__(self, policy: SafetyPolicy, command: str) -> None:
+    def __init__(self, policy: SafetyPolicy, command: str, stdin: str | None = None) -> None:
         self.policy = policy
         self.command = command
+        self.stdin = stdin  # what run(..., stdin=) feeds the top-level command
 
     # -- entry points ------------------------------------------------------------------
 
     def run(self) -> Verdict | None:
         try:
+            if len(self.command) > self.policy.max_command_length:
+                limit = self.policy.max_command_length
+                self.block(TOO_LONG, f"command is {len(self.command)} characters (limit {limit})", "")
             self.analyze(self.command, 0, _Scope())
         except _Blocked as b:
             return b.verdict
@@ -210,7 +224,7 @@ class _Analyzer:
         self.src_stack_push(src, quoted)
         try:
             for node in parsed:
-                self.visit(node, depth, scope)
+                self.visit(node, depth, scope, self.stdin if depth == 0 else None)
         finally:
             self.src_stack_pop()
 
@@ -270,15 +284,17 @@ class _Analyzer:
             self.visit_function(node, depth, scope)
         elif kind == "pipeline":
             parts = [p for p in node.parts if p.kind not in ("pipe", "reservedword")]
-            prev_text: str | None = None
+            prev_text: str | None = stdin_text
             for p in parts:
                 self.visit(p, depth, scope.copy(), prev_text)
                 prev_text = self._static_stdout(p)
         elif kind == "list":
             for p in node.parts:
                 if p.kind != "operator":
-                    self.visit(p, depth, scope)
+                    self.visit(p, depth, scope, stdin_text)
         elif kind == "compound":
+            if self.policy.strict and spawn_loop(self.text_of(node), node):
+                self.block("spawn-loop", "an endless loop starts background jobs", self.text_of(node))
             inner = (
                 scope.copy()
                 if node.list and node.list[0].kind == "reservedword" and node.list[0].word == "("
@@ -304,18 +320,7 @@ class _Analyzer:
             for child in self._children(node):
                 self.visit(child, depth, scope)
 
-    @staticmethod
-    def _children(node: Any) -> list[Any]:
-        out = []
-        for attr in ("parts", "list"):
-            v = getattr(node, attr, None)
-            if isinstance(v, list):
-                out.extend(v)
-        for attr in ("command", "output"):
-            v = getattr(node, attr, None)
-            if v is not None and hasattr(v, "kind"):
-                out.append(v)
-        return out
+    _children = staticmethod(children)
 
     def visit_redirect_children(self, node: Any, depth: int, scope: _Scope) -> None:
         out = getattr(node, "output", None)
@@ -439,6 +444,8 @@ class _Analyzer:
             if un.stdin_shell:
                 if stdin_text:
                     self.analyze(stdin_text, depth + 1, scope.copy())
+                elif self.policy.strict and not any(op in ("<<", "<<-", "<<<") for op, _ in redirects):
+                    self.block("shell-reads-stdin", "the shell's script is not visible to the guard", text)
                 return
             assert un.argv is not None
             argv = un.argv
@@ -477,49 +484,11 @@ class _Analyzer:
     def visit_function(self, node: Any, depth: int, scope: _Scope) -> None:
         name = node.name.word if hasattr(node, "name") else node.parts[0].word
         body = node.body if hasattr(node, "body") else node.parts[-1]
-        if self.policy.is_enabled("fork-bomb") and _self_spawning(name, body):
+        if self.policy.is_enabled("fork-bomb") and self_spawning(name, body):
             self.block(
                 "fork-bomb", f"function {name!r} spawns copies of itself (fork bomb)", self.text_of(node)
             )
         self.visit(body, depth, scope.copy())
-
-
-def _call_name(node: Any) -> str | None:
-    words = [p.word for p in node.parts if p.kind == "word"]
-    for _ in range(8):
-        if not words:
-            return None
-        un = unwrap(words)
-        if un is None or un.argv is None:
-            return words[0]
-        words = un.argv
-    return words[0] if words else None
-
-
-def _self_spawning(name: str, body: Any) -> bool:
-    """True when ``body`` calls ``name`` inside a pipeline or in the background."""
-
-    def visit(node: Any, in_pipe: bool, bg: bool) -> bool:
-        kind = node.kind
-        if kind == "pipeline":
-            cmds = [p for p in node.parts if p.kind not in ("pipe", "reservedword")]
-            return any(visit(c, in_pipe or len(cmds) > 1, bg) for c in cmds)
-        if kind == "list":
-            parts = node.parts
-            for i, p in enumerate(parts):
-                if p.kind == "operator":
-                    continue
-                nxt = parts[i + 1] if i + 1 < len(parts) else None
-                b = bg or (nxt is not None and nxt.kind == "operator" and nxt.op == "&")
-                if visit(p, in_pipe, b):
-                    return True
-            return False
-        if kind == "command":
-            if (in_pipe or bg) and _call_name(node) == name:
-                return True
-        return any(visit(c, in_pipe, bg) for c in _Analyzer._children(node))
-
-    return visit(body, False, False)
 
 
 # --------------------------------------------------------------------------------------
@@ -529,11 +498,13 @@ def _self_spawning(name: str, body: Any) -> bool:
 DEFAULT_POLICY = SafetyPolicy()
 
 
-def check_command(cmd: str, policy: SafetyPolicy | None = None) -> Verdict | None:
-    """Check one shell command string; return a :class:`Verdict` if it must be blocked."""
+def check_command(cmd: str, policy: SafetyPolicy | None = None, stdin: bytes | None = None) -> Verdict | None:
+    """Check one shell command string (and the ``stdin`` fed to it, read as a script when a
+    shell reads it); return a :class:`Verdict` if it must be blocked."""
     if not isinstance(cmd, str):
         raise ValidationError(f"command must be a string, got {type(cmd).__name__}", field="command")
-    return _Analyzer(policy or DEFAULT_POLICY, cmd).run()
+    text = stdin.decode("utf-8", "replace") if stdin else None
+    return _Analyzer(policy or DEFAULT_POLICY, cmd, text).run()
 
 
 class SafetyGuard(Callback):
@@ -559,11 +530,11 @@ class SafetyGuard(Callback):
             base = replace(base, **overrides)
         self.policy = base
 
-    def check(self, command: str) -> Verdict | None:
-        return check_command(command, self.policy)
+    def check(self, command: str, stdin: bytes | None = None) -> Verdict | None:
+        return check_command(command, self.policy, stdin)
 
     def on_pre_run(self, ctx: RunContext) -> None:
-        verdict = check_command(ctx.command, self.policy)
+        verdict = check_command(ctx.command, self.policy, ctx.stdin)
         if verdict is not None:
             err = CommandBlockedError(verdict.message, vm_id=ctx.vm_id, command=ctx.command)
             err.details.update(
