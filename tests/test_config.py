@@ -131,3 +131,24 @@ def test_a_qcow2_rootfs_with_a_backing_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="backing file"):
         VMConfig(rootfs_path=over)
     assert VMConfig(rootfs_path=flat).rootfs_path == flat.resolve()
+
+
+def test_host_limits_refuse_a_vm_bigger_than_the_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config may come from an agent: one VM cannot ask for more than the host has."""
+    import os
+
+    from smolvm.runtime import hostlimits
+
+    hostlimits.check(VMConfig(vcpu_count=1, mem_size_mib=256))
+    with pytest.raises(ValidationError, match="SMOLVM_MAX_VCPUS") as e:
+        hostlimits.check(VMConfig(vcpu_count=(os.cpu_count() or 1) + 1))
+    assert e.value.details["field"] == "vcpu_count"
+    with pytest.raises(ValidationError, match="SMOLVM_MAX_MEM_MIB"):
+        hostlimits.check(VMConfig(mem_size_mib=min(65536, hostlimits.host_mem_mib() + 1024)))
+    monkeypatch.setenv("SMOLVM_MAX_DISK_MIB", "1024")
+    with pytest.raises(ValidationError, match="disk_size_mib=2048"):
+        hostlimits.check(VMConfig(disk_size_mib=2048))
+    monkeypatch.setenv("SMOLVM_MAX_VCPUS", "64")
+    hostlimits.check(VMConfig(vcpu_count=(os.cpu_count() or 1) + 1))  # raised by the operator

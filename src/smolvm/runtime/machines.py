@@ -37,7 +37,7 @@ from smolvm.keys import HostKey, ensure_client_key, write_known_hosts
 from smolvm.network import NetworkManager
 from smolvm.network.tap import ensure_tap, start_forwards
 from smolvm.paths import default_socket_dir, resolve_data_dir, resolve_image_dir
-from smolvm.runtime import channels, resources
+from smolvm.runtime import channels, hostlimits, resources
 from smolvm.runtime.identity import env_file_text, refresh_clock_and_entropy
 from smolvm.runtime.memory import boot_memory
 from smolvm.runtime.overlay import write_overlay
@@ -143,8 +143,7 @@ class Runtime:
 
     def accelerator(self) -> tuple[str, str]:
         """``(accel, reason)`` the host probe chose (cached per host boot)."""
-        probe = accel_decision(self.cache_dir)
-        return probe.accel, probe.reason
+        return (probe := accel_decision(self.cache_dir)).accel, probe.reason
 
     # ------------------------------------------------------------------ hand-off
     def hand_off(self, vm_id: str, transport: Transport) -> None:
@@ -218,8 +217,9 @@ class Runtime:
         pool_owner: str | None = None,
         mac: str | None = None,
     ) -> VMInfo:
-        """Record a VM, then create its dir, host key, disk (``make_disk``) and network —
-        each recorded before it exists; on any failure everything is removed again."""
+        """Record a VM (within the host's limits), then create its dir, host key, disk
+        (``make_disk``) and network, each recorded first; on failure all is removed again."""
+        hostlimits.check(config)
         vm_id = config.vm_id
         hk = HostKey.generate()
         self.state.insert_vm(
