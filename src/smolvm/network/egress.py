@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from smolvm.exceptions import NetworkError
+from smolvm.network.ports import wait_listening
 from smolvm.types import InternetSettings
 
 #: The namespace's resolver, on its loopback (the VMM forwards the guest's DNS to it).
@@ -100,27 +100,7 @@ def start(
             )
         if record_helper is not None:
             record_helper(proc.pid)
-        _wait_listening(name, proc, listening, d / "egress.log")
-
-
-def _wait_listening(
-    name: str, proc: subprocess.Popen[bytes], ports: list[tuple[str, int]], log: Path
-) -> None:
-    """Until ``proc`` listens on 127.0.0.1 at every (proto, port): its /proc/PID/net shows
-    the sockets of its own namespace, so no helper is needed to look."""
-    deadline = time.monotonic() + 10
-    want = {(proto, f"0100007F:{port:04X}") for proto, port in ports}
-    while True:
-        seen = set()
-        for proto in {p for p, _ in want}:
-            try:
-                lines = Path(f"/proc/{proc.pid}/net/{proto}").read_text().splitlines()[1:]
-            except OSError:
-                lines = []
-            seen |= {(proto, ln.split()[1]) for ln in lines if len(ln.split()) > 3}
-        if want <= seen:
-            return
-        if proc.poll() is not None or time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-600:] if log.exists() else ""
+        if not wait_listening(proc, listening, 10.0):
+            log_path = d / "egress.log"
+            tail = log_path.read_text(errors="replace")[-600:] if log_path.exists() else ""
             raise NetworkError(f"{name} did not start listening in the sandbox's namespace: {tail}")
-        time.sleep(0.002)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from smolvm.exceptions import NetworkError
+from smolvm.network.ports import wait_listening
 
 LISTEN_TIMEOUT = 5.0
 
@@ -45,22 +45,13 @@ def start(host_port: int, guest_ip: str, guest_port: int, record_helper: Callabl
         start_new_session=True,
     )
     record_helper(proc.pid)
-    want = f"0100007F:{int(host_port):04X}"
-    deadline = time.monotonic() + LISTEN_TIMEOUT
-    while True:
-        try:
-            rows = Path(f"/proc/{proc.pid}/net/tcp").read_text().splitlines()[1:]
-        except OSError:
-            rows = []
-        if any(r.split()[1] == want and r.split()[3] == "0A" for r in rows if len(r.split()) > 3):
-            return proc.pid
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise NetworkError(
-                f"the port forward 127.0.0.1:{host_port} -> {guest_ip}:{guest_port} did not start "
-                "(is the host port taken?)"
-            )
-        time.sleep(0.002)
+    if not wait_listening(proc, [("tcp", host_port)], LISTEN_TIMEOUT):
+        proc.kill()
+        raise NetworkError(
+            f"the port forward 127.0.0.1:{host_port} -> {guest_ip}:{guest_port} did not start "
+            "(is the host port taken?)"
+        )
+    return proc.pid
 
 
 def serves(pid: int, host_port: int) -> bool:

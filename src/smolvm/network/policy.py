@@ -99,15 +99,19 @@ def _rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
     return {"add": {"rule": {"family": "inet", "table": TABLE, "chain": chain, "expr": list(expr)}}}
 
 
-def _reject(chain: str, *expr: dict[str, Any]) -> list[dict[str, Any]]:
-    """Refuse at once: a TCP reset (a user-mode stack turns it into a refused connection
-    for the guest; an ICMP error it would just drop, leaving the guest to time out), an
-    ICMP error for everything else."""
-    tcp = _match({"meta": {"key": "l4proto"}}, "tcp")
+def refusals(icmp: str = "icmpx") -> list[list[dict[str, Any]]]:
+    """The endings of the two rules that refuse at once, counted: a TCP reset (a user-mode
+    stack turns it into a refused connection for the guest; an ICMP error it would just
+    drop, leaving the guest to time out), an ICMP error (``icmp``: "icmpx" in an inet
+    table, "icmp" in an ip one) for everything else."""
     return [
-        _rule(chain, *expr, tcp, {"counter": None}, {"reject": {"type": "tcp reset"}}),
-        _rule(chain, *expr, {"counter": None}, {"reject": {"type": "icmpx", "expr": "admin-prohibited"}}),
+        [_match({"meta": {"key": "l4proto"}}, "tcp"), {"counter": None}, {"reject": {"type": "tcp reset"}}],
+        [{"counter": None}, {"reject": {"type": icmp, "expr": "admin-prohibited"}}],
     ]
+
+
+def _reject(chain: str, *expr: dict[str, Any]) -> list[dict[str, Any]]:
+    return [_rule(chain, *expr, *end) for end in refusals()]
 
 
 def sandbox_rules(
@@ -197,9 +201,6 @@ def resolv_conf(servers: list[str]) -> str:
     return "".join(f"nameserver {s}\n" for s in servers) + "options timeout:2 attempts:2\n"
 
 
-__all__ = ["DENY_V4", "DENY_V6", "host_addresses", "resolv_conf", "sandbox_rules"]
-
-
 # ---------------------------------------------------------------------------- TAP mode
 def _tap_rule(
     table: str, chain: str, comment: str, *expr: dict[str, Any], insert: bool = False
@@ -227,23 +228,7 @@ def tap_input_rules(table: str, chain: str, comment: str, prefix: str) -> list[d
             {"accept": None},
         ),
         # Refused, not dropped: a guest probing the host fails at once instead of hanging.
-        _tap_rule(
-            table,
-            chain,
-            comment,
-            iif,
-            _match({"meta": {"key": "l4proto"}}, "tcp"),
-            {"counter": None},
-            {"reject": {"type": "tcp reset"}},
-        ),
-        _tap_rule(
-            table,
-            chain,
-            comment,
-            iif,
-            {"counter": None},
-            {"reject": {"type": "icmp", "expr": "admin-prohibited"}},
-        ),
+        *(_tap_rule(table, chain, comment, iif, *end) for end in refusals("icmp")),
     ]
 
 
@@ -267,9 +252,6 @@ def tap_vm_rules(
     def fwd(*expr: dict[str, Any]) -> dict[str, Any]:
         return _tap_rule(table, forward_chain, tag, iif, *expr)
 
-    tcp = _match({"meta": {"key": "l4proto"}}, "tcp")
-    reset = {"reject": {"type": "tcp reset"}}
-    icmp = {"reject": {"type": "icmp", "expr": "admin-prohibited"}}
     out = []
     if allow4:  # allowed ranges may include host addresses (local delivery: input chain)
         out.append(
@@ -303,7 +285,19 @@ def tap_vm_rules(
     if allow4:
         out.append(fwd(_match(_daddr("ip"), _anon(allow4)), {"accept": None}))
     deny = _match(_daddr("ip"), _anon(list(DENY_V4)))
-    out += [fwd(deny, tcp, reset), fwd(deny, icmp)]
+    out += [fwd(deny, *end) for end in refusals("icmp")]
     if not settings.open_internet:
-        out += [fwd(tcp, reset), fwd(icmp)]
+        out += [fwd(*end) for end in refusals("icmp")]
     return out
+
+
+__all__ = [
+    "DENY_V4",
+    "DENY_V6",
+    "host_addresses",
+    "refusals",
+    "resolv_conf",
+    "sandbox_rules",
+    "tap_input_rules",
+    "tap_vm_rules",
+]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from smolvm.exceptions import NetworkError
 from smolvm.state import StateStore
@@ -50,3 +53,26 @@ def reserve_ports(state: StateStore, vm_id: str, forwards: dict[int, int]) -> in
             )
         state.reserve_port(vm_id, f"forward:{guest_port}", iter([host_port]))
     return ssh_port
+
+
+def wait_listening(proc: subprocess.Popen[bytes], ports: list[tuple[str, int]], timeout: float) -> bool:
+    """Until ``proc`` has a socket on 127.0.0.1 for every ``(proto, port)`` (a TCP one in
+    LISTEN state), as its /proc/PID/net shows them: that is the process's own network
+    namespace, so nothing needs to enter it to look. False if it exits or time runs out."""
+    want = {(proto, f"0100007F:{port:04X}") for proto, port in ports}
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = set()
+        for proto in {p for p, _ in want}:
+            try:
+                rows = Path(f"/proc/{proc.pid}/net/{proto}").read_text().splitlines()[1:]
+            except OSError:
+                rows = []
+            seen |= {
+                (proto, f[1]) for f in map(str.split, rows) if len(f) > 3 and (proto != "tcp" or f[3] == "0A")
+            }
+        if want <= seen:
+            return True
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
