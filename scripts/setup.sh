@@ -9,10 +9,11 @@ cd "$(dirname "$0")/.."
 # busybox-static (guest shell), nftables + iproute2 (TAP networking), openssh-client (ssh/scp),
 # zstd (compressed snapshots), ca-certificates, clang-format (style of the guest agent's C),
 # slirp4netns + dnsmasq-base + sniproxy (the sealed user-mode network: each VM's namespace
-# uplink, resolver and Host/SNI-checking proxy), socat (TAP-mode port forwards).
+# uplink, resolver and Host/SNI-checking proxy), socat (TAP-mode port forwards),
+# daemontools (multilog: each VM's serial console as capped, rotated files).
 PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs debootstrap kmod musl-tools busybox-static
           nftables iproute2 openssh-client zstd ca-certificates python3-venv clang-format
-          slirp4netns dnsmasq-base sniproxy socat)
+          slirp4netns dnsmasq-base sniproxy socat daemontools)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from smolvm import procs
 from smolvm.exceptions import ValidationError
 from smolvm.paths import default_socket_dir, private_dir
 
@@ -103,3 +104,22 @@ def test_rootless_without_tun_access_is_a_clear_error(
     with open(tmp_path / "log", "wb") as log, pytest.raises(NetworkError, match="chmod 0666 /dev/net/tun"):
         sandbox.launch(["/bin/false"], sb, stderr=log)
     assert not (tmp_path / "netns.go").exists() and not (tmp_path / "resolv.conf").exists()
+
+
+@pytest.mark.e2e
+def test_a_console_flood_stays_under_its_cap(vms, monkeypatch: pytest.MonkeyPatch) -> None:
+    from smolvm.runtime import console
+
+    monkeypatch.setenv("SMOLVM_CONSOLE_FILE_BYTES", "65536")  # cap 4 x 64 KiB
+    vm = vms.sandbox(cold_boot=True).start()
+    vm_dir = vms.manager.vm_dir(vm.vm_id)
+    flood = "head -c 3000000 /dev/zero | tr '\\0' x > /dev/console; echo; echo FLOOD-END > /dev/console"
+    assert vm.run(flood, timeout=120).exit_code == 0
+    on_disk = sum(p.stat().st_size for p in console.files(vm_dir))
+    assert 0 < on_disk <= console.cap_bytes() == 4 * 65536, on_disk
+    assert b"FLOOD-END" in console.last_lines(vm_dir, 3)
+    assert vm.run("echo still-here").output == "still-here"  # the guest never blocks on it
+    writer = [r["value"] for r in vms.manager.state.resources(vm.vm_id, "helper")]
+    assert any(procs.command_name(int(t.split(":")[0])) == "multilog" for t in writer)
+    vm.delete()
+    assert not any(procs.is_alive(int(t.split(":")[0]), t) for t in writer)  # gone with the VM

@@ -54,3 +54,11 @@ def kill(pid: int, token: str | None = None, sig: int = signal.SIGKILL) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def command_name(pid: int) -> str | None:
+    """The process's command name (``/proc/PID/comm``), or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None

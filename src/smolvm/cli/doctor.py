@@ -165,6 +165,15 @@ def check_network() -> list[Check]:
                 "run as root for network='tap' (network='user', the default, needs nothing)",
             )
         )
+    if not shutil.which("multilog"):
+        checks.append(
+            Check(
+                "console",
+                FAIL,
+                "multilog not found: VMs cannot start (it writes their capped serial console)",
+                "apt-get install daemontools",
+            )
+        )
     if not shutil.which("socat"):
         checks.append(
             Check(

@@ -40,6 +40,7 @@ HOST_PACKAGES_WHY: dict[str, str] = {
     "dnsmasq-base": "the resolver of a sandbox with named allowed_domains",
     "sniproxy": "the Host/SNI-checking proxy of a sandbox with named allowed_domains",
     "socat": "TAP-mode port forwards on 127.0.0.1",
+    "daemontools": "multilog: each VM's serial console as capped, rotated files",
 }
 HOST_PACKAGES: list[str] = list(HOST_PACKAGES_WHY)
 

@@ -332,7 +332,7 @@ def show_info(vm_id: VmId, json_out: JsonOpt = False) -> None:
         v = m.get(vm_id)
         ssh = m.get_ssh_commands(vm_id).get("localhost_port")
     d = vm_to_dict(v)
-    d["serial_log"] = str(Path(v.vm_dir or "") / "serial.log") if v.vm_dir else None
+    d["serial_log"] = str(Path(v.vm_dir or "") / "console" / "current") if v.vm_dir else None
     d["ssh_command"] = ssh
     if json_out:
         emit_json(d)
@@ -394,52 +394,62 @@ def logs(
         bool, typer.Option("--raw", help="Pass the guest's terminal control sequences through.")
     ] = False,
 ) -> None:
-    """Print the VM's serial console log (kernel and init messages)."""
+    """Print the VM's serial console log (kernel and init messages; the last few MiB)."""
+    from smolvm.runtime import console
+
     clean = not raw and sys.stdout.isatty()  # the console is guest-written: never obeyed
-    with open_manager() as m:
-        m.get(vm_id)
-        path = m.vm_dir(vm_id) / "serial.log"
-        if not path.exists() and not follow:
-            err.print(f"{vm_id} has no console log yet (it has never been started)")
-            return
-        data = path.read_bytes() if path.exists() else b""
-        if lines is not None:
-            parts = data.splitlines(keepends=True)
-            data = b"".join(parts[-lines:]) if lines else b""
-        stdout = sys.stdout.buffer
+    stdout = sys.stdout.buffer
+
+    def out(data: bytes) -> None:
         stdout.write(common.neutralize(data) if clean else data)
         stdout.flush()
-        if not follow:
+
+    with open_manager() as m:
+        m.get(vm_id)
+        vm_dir = m.vm_dir(vm_id)
+        if not console.files(vm_dir) and not follow:
+            err.print(f"{vm_id} has no console log yet (it has never been started)")
             return
-        pos = path.stat().st_size if path.exists() else 0
+        if lines is not None:
+            out(console.last_lines(vm_dir, lines))
+        else:
+            for chunk in console.chunks(vm_dir):
+                out(chunk)
+        if follow:
+            with contextlib.suppress(KeyboardInterrupt):
+                _follow(m, vm_id, console.console_dir(vm_dir) / "current", out)
+
+
+def _follow(m: Any, vm_id: str, current: Path, out: Any) -> None:
+    """Print what is appended to ``current``, across rotations, until the VM stops."""
+    f = None
+    try:
+        with contextlib.suppress(OSError):
+            f = open(current, "rb")
+            f.seek(0, os.SEEK_END)
         last_check = time.monotonic()
-        try:
-            while True:
-                try:
-                    size = path.stat().st_size
-                except FileNotFoundError:
-                    size = 0
-                if size < pos:  # truncated / recreated
-                    pos = 0
-                if size > pos:
-                    with open(path, "rb") as f:
-                        f.seek(pos)
-                        chunk = f.read(size - pos)
-                    pos += len(chunk)
-                    stdout.write(common.neutralize(chunk) if clean else chunk)
-                    stdout.flush()
-                    continue
-                if time.monotonic() - last_check > 1.0:
-                    last_check = time.monotonic()
-                    if not m.state.vm_exists(vm_id) or str(m.get(vm_id).status) not in (
-                        "running",
-                        "paused",
-                        "created",
-                    ):
-                        return
-                time.sleep(0.1)
-        except KeyboardInterrupt:
-            return
+        while True:
+            if f is not None and (chunk := f.read(65536)):
+                out(chunk)
+                continue
+            try:
+                ino = current.stat().st_ino
+            except FileNotFoundError:
+                ino = None
+            if ino is not None and (f is None or os.fstat(f.fileno()).st_ino != ino):
+                if f is not None:
+                    f.close()  # rotated: its rest was read above
+                f = open(current, "rb")
+                continue
+            if time.monotonic() - last_check > 1.0:
+                last_check = time.monotonic()
+                alive = ("running", "paused", "created")
+                if not m.state.vm_exists(vm_id) or str(m.get(vm_id).status) not in alive:
+                    return
+            time.sleep(0.1)
+    finally:
+        if f is not None:
+            f.close()
 
 
 def ssh(

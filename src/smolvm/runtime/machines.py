@@ -37,7 +37,7 @@ from smolvm.keys import HostKey, ensure_client_key, write_known_hosts
 from smolvm.network import NetworkManager
 from smolvm.network.tap import ensure_tap, start_forwards
 from smolvm.paths import default_socket_dir, resolve_data_dir, resolve_image_dir
-from smolvm.runtime import channels, hostlimits, resources
+from smolvm.runtime import channels, console, hostlimits, resources
 from smolvm.runtime.identity import env_file_text, refresh_clock_and_entropy
 from smolvm.runtime.memory import boot_memory
 from smolvm.runtime.overlay import write_overlay
@@ -327,18 +327,22 @@ class Runtime:
             spec.net.sandbox.record_helper = lambda pid: self.state.add_resource(
                 vm_id, "helper", procs.process_token(pid)
             )
-        offset = spec.serial_log.stat().st_size if spec.serial_log.exists() else 0
         self.state.update_vm(vm_id, error=None)
         if spec.memory is None and backend.supports_memory_file:
             spec.memory = boot_memory(self.state, vm_id)  # shared RAM file: fast snapshots
+        hold = -1
         try:
             if rec.network.mode == "tap":
                 start_forwards(self.state, vm_id, rec.network)  # socat relays on 127.0.0.1
+            hold = console.start(self.state, vm_id, spec.vm_dir)
             pid = backend.launch(spec)
         except SmolVMError as exc:
             resources.kill_processes(self.state, vm_id)  # helpers started so far
             self.state.update_vm(vm_id, status=VMState.ERROR, error=str(exc))
             raise
+        finally:
+            if hold >= 0:
+                os.close(hold)  # the VMM holds the console FIFO now
         mem: MemorySpec | None = spec.memory
         if mem is not None and mem.unlink and mem.path is not None:
             self.state.remove_resource("file", str(mem.path))  # unlinked by launch()
@@ -346,22 +350,21 @@ class Runtime:
         self.state.add_resource(vm_id, "process", token)
         self.state.update_vm(vm_id, status=VMState.RUNNING, pid=pid, started_at=time.time())
         if spec.incoming is None:
-            self._wait_ready(vm_id, spec, pid, token, offset, boot_timeout)
+            self._wait_ready(vm_id, spec, pid, token, boot_timeout)
         return self.get(vm_id)
 
-    def _wait_ready(
-        self, vm_id: str, spec: LaunchSpec, pid: int, token: str, offset: int, timeout: float
-    ) -> None:
+    def _wait_ready(self, vm_id: str, spec: LaunchSpec, pid: int, token: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        current = console.console_dir(spec.vm_dir) / "current"  # this boot's (console.start)
         while True:
             try:
-                with open(spec.serial_log, "rb") as f:
-                    f.seek(offset)
-                    if READY_MARKER in f.read():
+                with open(current, "rb") as f:
+                    if READY_MARKER in f.read(1 << 20):  # within the first MiB, or never
                         return
             except FileNotFoundError:
                 pass
             if not procs.is_alive(pid, token):
+                console.wait_written(self.state, vm_id)
                 tail = self.serial_tail(vm_id)
                 self.state.update_vm(
                     vm_id, status=VMState.ERROR, pid=None, error="VM process exited during boot"
@@ -391,12 +394,7 @@ class Runtime:
 
     def serial_tail(self, vm_id: str, n: int = 4000) -> str:
         """The last ``n`` bytes of the VM's serial console, as text."""
-        try:
-            with open(self.vm_dir(vm_id) / "serial.log", "rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - n))
-                return f.read(n).decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return console.tail(self.vm_dir(vm_id), n).decode("utf-8", "replace")
 
     # ------------------------------------------------------------------ stop / delete
     def stop(self, vm_id: str, timeout: float = STOP_TIMEOUT) -> VMInfo:
@@ -484,12 +482,13 @@ class Runtime:
         token = resources.process_token(self.state, vm_id)
         if not procs.wait_gone(rec.pid, grace, token):
             return None
+        console.wait_written(self.state, vm_id)
         log_tail = self.serial_tail(vm_id, 16000)
         lines = [ln.strip() for ln in log_tail.splitlines() if ln.strip()]
-        headline = next(
-            (ln for ln in lines if any(m in ln for m in CRASH_MARKERS)), lines[-1] if lines else ""
-        )
-        self.fail(vm_id, f"guest crashed: {headline[:300]}")
+        found = ((ln, ln.find(m)) for ln in lines for m in CRASH_MARKERS if m in ln)
+        # From the marker on (a guest may glue its own output to the line), at most 300 chars.
+        headline = next((ln[max(0, i - 20) :] for ln, i in found), lines[-1] if lines else "")[:300]
+        self.fail(vm_id, f"guest crashed: {headline}")
         return f"{headline}\n...\n{log_tail[-1500:]}"
 
     def mark_dead(self) -> list[str]:

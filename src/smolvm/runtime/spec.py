@@ -9,6 +9,7 @@ from smolvm.host.tsc import host_tsc_khz
 from smolvm.images.artifacts import artifacts_for_kernel
 from smolvm.network import NetworkManager
 from smolvm.network.sandbox import NetSandbox
+from smolvm.runtime import console
 from smolvm.state.records import VMRecord
 
 READY_MARKER = b"SMOLVM_READY"
@@ -71,7 +72,7 @@ def launch_spec(rec: VMRecord, backend: Backend, *, vm_dir: Path, socket_dir: Pa
         boot_args=merge_boot_args(cfg.boot_args, args),
         vcpus=cfg.vcpu_count,
         mem_mib=cfg.mem_size_mib,
-        serial_log=vm_dir / "serial.log",
+        serial_log=console.fifo_path(vm_dir),  # console.start() reads it
         agent_socket=socket_dir / f"smolvm-{rec.vm_id}.agent.sock",
         control_socket=socket_dir / f"smolvm-{rec.vm_id}.ctl.sock",
         net=netspec,
