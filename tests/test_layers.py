@@ -20,7 +20,7 @@ LAZY_OK = {"torch", "transformers", "ray", "mcp", "pyroute2"}
 LAYERS: list[set[str]] = [
     {"cli"},
     {"guards"},
-    {"", "smolvm", "vm", "build", "options"},  # package, SmolVM facade, SmolVMManager
+    {"", "smolvm", "vm", "build", "options", "sandboxes", "idle"},  # package, SmolVM facade, SmolVMManager
     {"pools"},
     {"snapshots"},
     {"runtime"},

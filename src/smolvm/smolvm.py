@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from smolvm.exceptions import (
     TransportError,
     ValidationError,
 )
+from smolvm.idle import IdleTimer, check_args
 from smolvm.options import (
     DEFAULT_MAX_DOWNLOAD,
     DEFAULT_MAX_OUTPUT_BYTES,
@@ -30,9 +32,10 @@ from smolvm.options import (
     exec_request,
     sandbox_config,
 )
-from smolvm.runtime import BOOT_TIMEOUT, STOP_TIMEOUT
+from smolvm.runtime import BOOT_TIMEOUT, STOP_TIMEOUT, lifetime
 from smolvm.runtime.channels import with_scp
 from smolvm.runtime.identity import read_guest_env, write_guest_env
+from smolvm.sandboxes import create_sandbox
 from smolvm.snapshots import SnapshotInfo
 from smolvm.transports.base import (
     ExecRequest,
@@ -76,6 +79,12 @@ class SmolVM:
     image, or "alpine", which needs Alpine's mirror), ``comm_channel="vsock"`` (= "agent").
     ``mounts=["./repo:/workspace"]`` shares host directories (read-only with a writable
     overlay inside the VM; ``writable_mounts=True`` or ``"HOST:GUEST:rw"`` writes through).
+
+    Lifetime: the VM belongs to this process and is removed within seconds after it ends,
+    even by SIGKILL (a watchdog process does it); ``detached=True`` keeps it until deleted
+    (reconnect with :meth:`from_id`). ``idle_timeout=seconds`` pauses it (``idle_action=
+    "stop"``: stops it) after that long without a call or a running spawned process; the
+    next call resumes it.
     """
 
     def __init__(
@@ -100,8 +109,12 @@ class SmolVM:
         mounts: Sequence[str | WorkspaceMount] | None = None,
         writable_mounts: bool = False,
         internet_settings: InternetSettings | dict[str, Any] | None = None,
+        detached: bool = False,
+        idle_timeout: float | None = None,
+        idle_action: str = "pause",
         _vm_id: str | None = None,
     ) -> None:
+        check_args(idle_timeout, idle_action)
         self._callbacks: list[Callback] = []
         for cb in callbacks or []:
             self.add_callback(cb)
@@ -117,9 +130,12 @@ class SmolVM:
         self._tlock = threading.Lock()
         self._closed = False
         self._resume_on_start = True
+        self._detached = detached
+        self._idle: IdleTimer | None = None
         if _vm_id is not None:  # reconnect (from_id)
             self._owned = False
             self._info = self._manager.get(_vm_id)
+            self._watch_idle(idle_timeout, idle_action)
             return
         config = sandbox_config(
             config,
@@ -137,40 +153,13 @@ class SmolVM:
             internet_settings=internet_settings,
         )
         self._owned = True
-        self._info = self._create(config, pool, cold_boot)
+        with lifetime.owning(self._manager, enabled=not detached):
+            self._info = create_sandbox(self._manager, config, pool, cold_boot)
+        self._watch_idle(idle_timeout, idle_action)
 
-    def _create(self, config: VMConfig, pool: pools.WarmPool | None, cold_boot: bool) -> VMInfo:
-        """A warm-pool VM, else a clone of the image's boot snapshot, else a cold-boot VM."""
-        mgr = self._manager
-        if not cold_boot:
-            p = pool if pool is not None else pools.default_pool(mgr.data_dir, mgr.socket_dir)
-            if p is not None and not p.matches(config):
-                p = None
-            if p is not None:
-                info = p.acquire(mgr, env_vars=config.env_vars or None)
-                if info is not None:
-                    return info
-            ref = snapshots.default_snapshot_for(mgr, mgr.resolve_image(config))
-            if ref is None and p is not None:
-                try:  # the pool is empty: restore from its snapshot directly
-                    ref = snapshots.get_snapshot(mgr, p.source).name
-                except SmolVMError:
-                    ref = None
-            if ref is not None:
-                try:
-                    return snapshots.create_clone(
-                        mgr,
-                        ref,
-                        vm_id=config.vm_id,
-                        env_vars=config.env_vars,
-                        port_forwards=config.port_forwards,
-                        comm_channel=config.comm_channel,
-                        retain_disk_on_delete=config.retain_disk_on_delete,
-                        internet_settings=config.internet_settings,
-                    )
-                except SnapshotError as exc:  # stale or damaged: a cold boot still works
-                    log.warning("cannot restore %s (%s); cold boot instead", ref, exc)
-        return mgr.create(config)
+    def _watch_idle(self, timeout: float | None, action: str) -> None:
+        if timeout:
+            self._idle = IdleTimer(timeout, action, self._idle_sleep, self._idle_wake)
 
     # ------------------------------------------------------------------ reconnect
     @classmethod
@@ -198,6 +187,7 @@ class SmolVM:
         data_dir: Path | None = None,
         socket_dir: Path | None = None,
         manager: SmolVMManager | None = None,
+        detached: bool = False,
     ) -> SmolVM:
         """A new sandbox restored from snapshot ``snapshot_id`` (a name or
         ``SnapshotInfo.snapshot_id``) on :meth:`start` / ``with`` entry: its own disk
@@ -206,20 +196,21 @@ class SmolVM:
         snapshot's network policy unless ``internet_settings`` is given."""
         mgr = manager or SmolVMManager(data_dir=data_dir, socket_dir=socket_dir, backend=backend)
         try:
-            info = snapshots.create_clone(
-                mgr,
-                snapshot_id,
-                vm_id=vm_id,
-                env_vars=env_vars,
-                port_forwards=port_forwards,
-                comm_channel=comm_channel,
-                internet_settings=internet_settings,
-            )
+            with lifetime.owning(mgr, enabled=not detached):
+                info = snapshots.create_clone(
+                    mgr,
+                    snapshot_id,
+                    vm_id=vm_id,
+                    env_vars=env_vars,
+                    port_forwards=port_forwards,
+                    comm_channel=comm_channel,
+                    internet_settings=internet_settings,
+                )
         except BaseException:
             if manager is None:
                 mgr.close()
             raise
-        vm = cls(manager=mgr, _vm_id=info.vm_id, callbacks=callbacks)
+        vm = cls(manager=mgr, _vm_id=info.vm_id, callbacks=callbacks, detached=detached)
         vm._owned = True
         vm._own_manager = manager is None
         vm._resume_on_start = resume_vm
@@ -278,7 +269,8 @@ class SmolVM:
                 snapshots.discard_image_snapshot(self._manager, ref, str(exc))
             config = self._info.config
             self._manager.delete(self.vm_id)
-            self._info = self._manager.create(VMConfig(**config.model_dump()))
+            with lifetime.owning(self._manager, enabled=not self._detached):
+                self._info = self._manager.create(VMConfig(**config.model_dump()))
             self._info = self._manager.start(self.vm_id, boot_timeout=boot_timeout)
         if not self._resume_on_start and self._info.status is VMState.RUNNING:
             self._resume_on_start = True  # once: a later stop/start boots normally
@@ -301,6 +293,8 @@ class SmolVM:
         if self._closed:
             return
         self._closed = True
+        if self._idle:
+            self._idle.close()
         self._close_transport()
         if self._own_manager:
             self._manager.close()
@@ -314,6 +308,14 @@ class SmolVM:
         """Continue a paused VM; its clock is reset and its RNG reseeded."""
         self._info = self._manager.resume(self.vm_id, transport=self._transport)
         return self
+
+    def _idle_sleep(self, action: str) -> None:
+        if self.refresh().status is VMState.RUNNING:
+            self.pause() if action == "pause" else self.stop()
+
+    def _idle_wake(self, action: str) -> None:
+        status = self.refresh().status
+        self.resume() if status is VMState.PAUSED else self.start() if status is VMState.STOPPED else None
 
     def snapshot(self, name: str | None = None, *, resume: bool = True) -> SnapshotInfo:
         """Save memory, devices and disk as snapshot ``name`` (generated when None).
@@ -469,14 +471,15 @@ class SmolVM:
         req.detach = detach
         ctx = RunContext(self.vm_id, command, shell, 0, env=env, cwd=cwd)
         run_pre_hooks(self._callbacks, ctx)
-        return self._crash_checked(
-            lambda: self._channel().spawn(req, on_stdout=on_stdout, on_stderr=on_stderr)
-        )
+        h = self._crash_checked(lambda: self._channel().spawn(req, on_stdout=on_stdout, on_stderr=on_stderr))
+        return self._idle.track(h) if self._idle else h
 
     def _crash_checked(self, call: Callable[[], T]) -> T:
-        """``call()``, turning a channel failure caused by a dead guest into GuestCrashedError."""
+        """``call()`` (a use of the sandbox: woken first if idle), turning a channel failure
+        caused by a dead guest into GuestCrashedError."""
         try:
-            return call()
+            with self._idle.use() if self._idle else contextlib.nullcontext():
+                return call()
         except (OperationTimeoutError, CommandFateUnknownError, AgentError):
             raise
         except TransportError as exc:
@@ -515,7 +518,7 @@ class SmolVM:
     # ------------------------------------------------------------------ env vars
     def list_env_vars(self) -> dict[str, str]:
         """Variables in the guest's /etc/profile.d/smolvm_env.sh."""
-        return read_guest_env(self._channel())
+        return self._crash_checked(lambda: read_guest_env(self._channel()))
 
     def set_env_vars(self, env_vars: dict[str, str], *, merge: bool = True) -> dict[str, str]:
         """Persist variables for login-shell commands (survive stop/start); returns all vars."""
@@ -532,7 +535,7 @@ class SmolVM:
         return current
 
     def _write_env(self, env: dict[str, str]) -> None:
-        write_guest_env(self._channel(), env)
+        self._crash_checked(lambda: write_guest_env(self._channel(), env))
         self._manager.set_config_env(self.vm_id, env)
 
     # ------------------------------------------------------------------ files
@@ -541,7 +544,7 @@ class SmolVM:
         p = Path(local_path).expanduser()
         if not p.is_file():
             raise ValidationError(f"local file does not exist: {p}", field="local_path")
-        self._channel().upload(p, guest_path, mode)
+        self._crash_checked(lambda: self._channel().upload(p, guest_path, mode))
 
     def download_file(
         self, guest_path: str, local_path: str | Path, *, max_bytes: int | None = DEFAULT_MAX_DOWNLOAD
@@ -550,7 +553,8 @@ class SmolVM:
         permissions except setuid/setgid/sticky and group/world write bits). A file over
         ``max_bytes`` (default 1 GiB; None: no limit) raises ``TransferLimitError`` and
         leaves nothing at ``local_path``."""
-        self._channel().download(guest_path, Path(local_path).expanduser(), max_bytes)
+        dest = Path(local_path).expanduser()
+        self._crash_checked(lambda: self._channel().download(guest_path, dest, max_bytes))
 
     # ------------------------------------------------------------------ ports
     def expose_local(self, guest_port: int, host_port: int | None = None) -> int:

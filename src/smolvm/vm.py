@@ -13,7 +13,7 @@ from typing import Any
 
 from smolvm import pools, snapshots
 from smolvm.exceptions import VMNotFoundError
-from smolvm.runtime import BOOT_TIMEOUT, Runtime, ports, resources
+from smolvm.runtime import BOOT_TIMEOUT, Runtime, lifetime, ports, resources
 from smolvm.snapshots import SnapshotInfo
 from smolvm.transports.base import Transport
 from smolvm.types import VMConfig, VMInfo
@@ -63,7 +63,9 @@ class SmolVMManager(Runtime):
 
     def reconcile(self) -> list[str]:
         """Mark VMs whose VMM died as ERROR (returned) and remove what crashes left behind:
-        pool VMs of dead owners, half-written snapshots, resources of vanished VMs."""
+        VMs of owner processes that died with their watchdog, pool VMs of dead owners,
+        half-written snapshots, resources of vanished VMs."""
+        lifetime.reap_dead_owners(self)
         stale = self.mark_dead()
         pools.reap_orphans(self)
         snapshots.gc_incomplete(self)

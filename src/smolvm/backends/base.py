@@ -8,6 +8,7 @@ its pid; all later operations go through the VM's control socket (QMP / Firecrac
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -105,6 +106,9 @@ class LaunchSpec:
     agent_ports: int = AGENT_PORTS
     #: Host directories shared into the guest (virtio-9p).
     shares: list[ShareSpec] = field(default_factory=list)
+    #: Called with the VMM's pid as soon as it is spawned (before it is waited for), so the
+    #: caller records it before anything can interrupt the launch.
+    on_spawn: Callable[[int], None] | None = None
 
 
 def agent_sockets(spec: LaunchSpec) -> list[Path]:

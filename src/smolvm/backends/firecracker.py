@@ -345,6 +345,8 @@ class FirecrackerBackend(Backend):
             serial.close()
             if errlog is not serial:
                 errlog.close()
+        if spec.on_spawn is not None:
+            spec.on_spawn(proc.pid)
         with _children_lock:
             _children[proc.pid] = proc
         threading.Thread(target=_reap, args=(proc,), name=f"fc-reap-{proc.pid}", daemon=True).start()

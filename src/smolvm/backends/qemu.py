@@ -273,7 +273,7 @@ class QemuBackend(Backend):
         offset = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as log:
             if spec.net is not None and spec.net.sandbox is not None:
-                proc = sandbox.launch(argv, spec.net.sandbox, stderr=log)
+                proc = sandbox.launch(argv, spec.net.sandbox, stderr=log, on_spawn=spec.on_spawn)
             else:
                 # Its own session: a Ctrl-C to the caller's process group never reaches VMs.
                 proc = subprocess.Popen(
@@ -284,6 +284,8 @@ class QemuBackend(Backend):
                     start_new_session=True,
                     umask=0o077,  # whatever QEMU creates is ours alone
                 )
+                if spec.on_spawn is not None:
+                    spec.on_spawn(proc.pid)
         # Reap it if it exits while we live (when we exit first, init does).
         threading.Thread(target=proc.wait, name=f"reap-{spec.vm_id}", daemon=True).start()
         try:

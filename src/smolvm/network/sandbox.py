@@ -143,7 +143,13 @@ def wrap(argv: list[str], sb: NetSandbox) -> list[str]:
     ]
 
 
-def launch(argv: list[str], sb: NetSandbox, *, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+def launch(
+    argv: list[str],
+    sb: NetSandbox,
+    *,
+    stderr: IO[bytes],
+    on_spawn: Callable[[int], None] | None = None,
+) -> subprocess.Popen[bytes]:
     """Start ``argv`` (the VMM) inside a sealed namespace, in a session of its own; returns
     its process once the namespace is ready and the VMM runs (the process *is* the VMM:
     ``unshare`` and the wrapper ``exec`` into it)."""
@@ -174,6 +180,8 @@ def launch(argv: list[str], sb: NetSandbox, *, stderr: IO[bytes]) -> subprocess.
             start_new_session=True,
             umask=0o077,  # whatever QEMU creates is ours alone
         )
+        if on_spawn is not None:
+            on_spawn(wrapper.pid)  # execs into the VMM: same pid, same start time
         _wait_unshared(wrapper)
         uplink = _start_uplink(wrapper.pid, sb, exit_r, ready_w)
         os.close(ready_w)

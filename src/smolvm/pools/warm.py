@@ -32,11 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from smolvm import procs
 from smolvm.envflags import env_int
 from smolvm.exceptions import SmolVMError, ValidationError
 from smolvm.paths import default_socket_dir, resolve_data_dir
-from smolvm.runtime import Runtime
+from smolvm.runtime import Runtime, lifetime
 from smolvm.runtime.channels import agent_transport
 from smolvm.runtime.identity import env_file_text
 from smolvm.snapshots import (
@@ -70,25 +69,11 @@ _MATCH_FIELDS = (
 )
 
 
-def _owner_token() -> str:
-    return procs.process_token(os.getpid())
-
-
-def _owner_alive(token: str | None) -> bool:
-    if not token:
-        return False
-    try:
-        pid = int(token.split(":", 1)[0])
-    except ValueError:
-        return False
-    return procs.is_alive(pid, token)
-
-
 def reap_orphans(rt: Runtime) -> list[str]:
     """Delete pool VMs whose owning process is gone (they would otherwise sit paused forever)."""
     gone = []
     for rec in rt.state.pool_vms():
-        if _owner_alive(rec.pool_owner):
+        if lifetime.alive(rec.pool_owner):
             continue
         if rec.status is VMState.PAUSED and not rt.state.claim_vm(rec.vm_id):
             continue  # just handed out by someone else
@@ -167,7 +152,7 @@ class WarmPool:
         self.size = size
         self.boot_timeout = boot_timeout
         self.runtime = Runtime(data_dir=data_dir, socket_dir=socket_dir)
-        self.owner = _owner_token()
+        self.owner = lifetime.ensure_watchdog(self.runtime)  # its idle VMs end with this process
         self._default_image = False
         if snapshot is not None:
             snap = get_snapshot(self.runtime, snapshot)
@@ -345,7 +330,7 @@ class WarmPool:
         first ``transport()`` call, so the caller's first command needs no handshake."""
         mgr = runtime or self.runtime
         for _ in range(3):
-            vm_id = mgr.state.claim_pool_vm(self.key)
+            vm_id = mgr.state.claim_pool_vm(self.key, owner=lifetime.current_owner())
             if vm_id is None:
                 return None
             self._wake.set()
@@ -393,7 +378,7 @@ class WarmPool:
         """Delete this pool's idle VMs (and those of dead owners); returns their ids."""
         gone = []
         for r in self._rows():
-            mine = r.pool_owner == self.owner or not _owner_alive(r.pool_owner)
+            mine = r.pool_owner == self.owner or not lifetime.alive(r.pool_owner)
             if not mine:
                 continue
             if r.status is VMState.PAUSED and not self.runtime.state.claim_vm(r.vm_id):

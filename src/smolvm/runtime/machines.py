@@ -37,7 +37,7 @@ from smolvm.keys import HostKey, ensure_client_key, write_known_hosts
 from smolvm.network import NetworkManager
 from smolvm.network.tap import ensure_tap, start_forwards
 from smolvm.paths import default_socket_dir, resolve_data_dir, resolve_image_dir
-from smolvm.runtime import channels, console, hostlimits, resources
+from smolvm.runtime import channels, console, health, hostlimits, lifetime, resources
 from smolvm.runtime.identity import env_file_text, refresh_clock_and_entropy
 from smolvm.runtime.memory import boot_memory
 from smolvm.runtime.overlay import write_overlay
@@ -50,8 +50,6 @@ from smolvm.types import NetworkInfo, VMConfig, VMInfo, VMState
 
 log = logging.getLogger(__name__)
 
-#: Console lines that name a guest crash (the first one found is its headline).
-CRASH_MARKERS = ("Kernel panic", "BUG:", "Oops", "general protection fault", "sysrq", "Out of memory")
 #: Seconds a graceful stop waits for the guest to power off before the VMM is killed.
 STOP_TIMEOUT = 10.0
 #: Seconds a boot (or restore) may take before it counts as failed.
@@ -233,6 +231,7 @@ class Runtime:
             snapshot=snapshot,
             pool=pool,
             pool_owner=pool_owner,
+            owner=lifetime.current_owner(),  # set from the start: a crash mid-create is reaped too
         )
         try:
             self.init_vm_dir(vm_id, hk)
@@ -327,6 +326,7 @@ class Runtime:
             spec.net.sandbox.record_helper = lambda pid: self.state.add_resource(
                 vm_id, "helper", procs.process_token(pid)
             )
+        spec.on_spawn = lambda pid: self.state.add_resource(vm_id, "process", procs.process_token(pid))
         self.state.update_vm(vm_id, error=None)
         if spec.memory is None and backend.supports_memory_file:
             spec.memory = boot_memory(self.state, vm_id)  # shared RAM file: fast snapshots
@@ -466,53 +466,20 @@ class Runtime:
 
     # ------------------------------------------------------------------ queries
     def get(self, vm_id: str) -> VMInfo:
-        return self.state.get_vm(vm_id).info()
+        """The VM's info; one whose VMM died is reported (and recorded) as ERROR."""
+        return health.checked(self, self.state.get_vm(vm_id)).info()
 
     def list_vms(self, status: VMState | None = None) -> list[VMInfo]:
-        return [r.info() for r in self.state.list_vms(VMState(status).value if status else None)]
+        recs = [health.checked(self, r) for r in self.state.list_vms()]
+        return [r.info() for r in recs if status is None or r.status is VMState(status)]
 
     def crash_report(self, vm_id: str, grace: float = 1.5) -> str | None:
-        """After a channel failed: if the VM's VMM has exited (or does within ``grace``
-        seconds, e.g. after a guest kernel panic), mark the VM ERROR and return what the
-        console says: the crash's headline (the first "Kernel panic", "BUG:", "Oops" or
-        "sysrq" line) and the console's tail; None while it still runs."""
-        rec = self.state.get_vm(vm_id)
-        if rec.status not in (VMState.RUNNING, VMState.PAUSED) or not rec.pid:
-            return None
-        token = resources.process_token(self.state, vm_id)
-        if not procs.wait_gone(rec.pid, grace, token):
-            return None
-        console.wait_written(self.state, vm_id)
-        log_tail = self.serial_tail(vm_id, 16000)
-        lines = [ln.strip() for ln in log_tail.splitlines() if ln.strip()]
-        found = ((ln, ln.find(m)) for ln in lines for m in CRASH_MARKERS if m in ln)
-        # From the marker on (a guest may glue its own output to the line), at most 300 chars.
-        headline = next((ln[max(0, i - 20) :] for ln, i in found), lines[-1] if lines else "")[:300]
-        self.fail(vm_id, f"guest crashed: {headline}")
-        return f"{headline}\n...\n{log_tail[-1500:]}"
+        """See :func:`smolvm.runtime.health.crash_report`."""
+        return health.crash_report(self, vm_id, grace)
 
     def mark_dead(self) -> list[str]:
         """Mark VMs whose VMM died as ERROR and clear their sockets; returns their ids."""
-        stale = []
-        for rec in self.state.list_vms():
-            if rec.status not in (VMState.RUNNING, VMState.PAUSED):
-                continue
-            token = resources.process_token(self.state, rec.vm_id)
-            if procs.is_alive(rec.pid, token):
-                continue
-            stale.append(rec.vm_id)
-            self.state.update_vm(
-                rec.vm_id, status=VMState.ERROR, pid=None, error="VM process is gone (found by reconcile)"
-            )
-            spec = self.spec(rec)
-            for s in socket_files(spec):
-                s.unlink(missing_ok=True)
-                self.state.remove_resource("socket", str(s))
-            if token:
-                self.state.remove_resource("process", token)
-            for r in self.state.resources(rec.vm_id, "helper"):
-                resources.remove(self.state, r)  # the VMM's uplink dies with it; make sure
-        return stale
+        return health.mark_dead(self)
 
     # ------------------------------------------------------------------ channels & misc
     def transport(self, vm_id: str, channel: str) -> Transport:

@@ -37,10 +37,24 @@ def remove(state: StateStore, r: dict[str, Any], *, keep_disk: bool = False) -> 
             return
         Path(value).unlink(missing_ok=True)
     elif kind == "dir":
+        _kill_unrecorded_vmm(Path(value))
         shutil.rmtree(value, ignore_errors=True)
     elif kind in ("tap", "nft", "lease"):
         tap.remove_resource(kind, value)
     state.remove_resource(kind, value)
+
+
+def _kill_unrecorded_vmm(vm_dir: Path) -> None:
+    """A VMM spawned in the instant before it could be recorded (its owner killed right
+    then) still names itself in its pidfile: kill it if that pid is this VM's QEMU."""
+    try:
+        pid = int((vm_dir / "qemu.pid").read_text().strip())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return
+    if f"smolvm-{vm_dir.name}".encode() in argv:
+        procs.kill(pid)
+        procs.wait_gone(pid, 5.0)
 
 
 def kill_processes(state: StateStore, vm_id: str) -> None:

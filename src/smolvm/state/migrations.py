@@ -85,4 +85,15 @@ MIGRATIONS: list[str] = [
         truncated INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # 5: lifetimes (see smolvm.runtime.lifetime): the process (pid:starttime token) whose
+    # death ends the VM, and each owner process's watchdog.
+    """
+    ALTER TABLE vms ADD COLUMN owner TEXT;
+    CREATE INDEX IF NOT EXISTS vms_owner ON vms(owner);
+    CREATE TABLE IF NOT EXISTS watchdogs (
+        owner TEXT PRIMARY KEY,
+        token TEXT,
+        created_at REAL NOT NULL
+    );
+    """,
 ]

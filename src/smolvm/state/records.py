@@ -58,6 +58,8 @@ class VMRecord:
     created_at: float
     started_at: float | None
     updated_at: float
+    #: The process (pid:starttime) whose death ends this VM; None when detached.
+    owner: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> VMRecord:
@@ -80,6 +82,7 @@ class VMRecord:
             created_at=row["created_at"],
             started_at=row.get("started_at"),
             updated_at=row.get("updated_at") or row["created_at"],
+            owner=row.get("owner"),
         )
 
     def replace(self, **changes: Any) -> VMRecord:

@@ -249,8 +249,9 @@ class StateStore:
             conn.execute("UPDATE snapshots SET meta=? WHERE name=?", (json.dumps(meta), name))
 
     # ------------------------------------------------------------ pools
-    def claim_pool_vm(self, pool: str) -> str | None:
-        """Atomically take the oldest paused VM of ``pool`` out of it (None if none is ready).
+    def claim_pool_vm(self, pool: str, owner: str | None = None) -> str | None:
+        """Atomically take the oldest paused VM of ``pool`` out of it (None if none is ready),
+        now owned by ``owner`` (a process token; None: detached).
 
         BEGIN IMMEDIATE holds the write lock across SELECT and UPDATE, so two processes
         never get the same VM."""
@@ -261,7 +262,8 @@ class StateStore:
             if row is None:
                 return None
             conn.execute(
-                "UPDATE vms SET pool=NULL, pool_owner=NULL, updated_at=? WHERE vm_id=?", (time.time(), row[0])
+                "UPDATE vms SET pool=NULL, pool_owner=NULL, owner=?, updated_at=? WHERE vm_id=?",
+                (owner, time.time(), row[0]),
             )
             return row[0]
 
@@ -283,6 +285,47 @@ class StateStore:
         else:
             rows = conn.execute("SELECT * FROM vms WHERE pool=? ORDER BY created_at", (pool,)).fetchall()
         return [VMRecord.from_row(_decode(r)) for r in rows]
+
+    # ------------------------------------------------------------ lifetimes
+    def owned_vms(self, owner: str) -> list[VMRecord]:
+        """VMs that end with process ``owner``: owned ones and its pools' idle VMs."""
+        rows = (
+            self.connect()
+            .execute(
+                "SELECT * FROM vms WHERE owner=? OR (pool IS NOT NULL AND pool_owner=?) ORDER BY created_at",
+                (owner, owner),
+            )
+            .fetchall()
+        )
+        return [VMRecord.from_row(_decode(r)) for r in rows]
+
+    def owners(self) -> list[str]:
+        """Every owner token of a VM or of a watchdog."""
+        conn = self.connect()
+        vms = conn.execute("SELECT DISTINCT owner FROM vms WHERE owner IS NOT NULL").fetchall()
+        dogs = conn.execute("SELECT owner FROM watchdogs").fetchall()
+        return sorted({r[0] for r in vms} | {r[0] for r in dogs})
+
+    def add_watchdog(self, owner: str) -> None:
+        """Record the watchdog of process ``owner`` before it is started."""
+        with self.tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO watchdogs (owner, token, created_at) VALUES (?, NULL, ?)",
+                (owner, time.time()),
+            )
+
+    def set_watchdog(self, owner: str, token: str) -> None:
+        with self.tx() as conn:
+            conn.execute("UPDATE watchdogs SET token=? WHERE owner=?", (token, owner))
+
+    def watchdog(self, owner: str) -> str | None:
+        """The process token of ``owner``'s watchdog ("" while it is being started)."""
+        row = self.connect().execute("SELECT token FROM watchdogs WHERE owner=?", (owner,)).fetchone()
+        return None if row is None else (row[0] or "")
+
+    def remove_watchdog(self, owner: str) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM watchdogs WHERE owner=?", (owner,))
 
     def delete_snapshot(self, name: str) -> None:
         with self.tx() as conn:
