@@ -152,3 +152,43 @@ def test_host_limits_refuse_a_vm_bigger_than_the_host(
         hostlimits.check(VMConfig(disk_size_mib=2048))
     monkeypatch.setenv("SMOLVM_MAX_VCPUS", "64")
     hostlimits.check(VMConfig(vcpu_count=(os.cpu_count() or 1) + 1))  # raised by the operator
+
+
+def test_boot_files_must_come_from_the_image_dir_or_a_trusted_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, default_image
+) -> None:
+    import os
+
+    from smolvm import SmolVMManager
+    from smolvm.runtime import hostlimits
+
+    with SmolVMManager(data_dir=tmp_path / "data") as mgr:
+        # A config handing a host secret to the guest as its disk is refused, nothing recorded.
+        with pytest.raises(ValidationError, match="outside the image dir") as e:
+            mgr.create(VMConfig(kernel_path=default_image.kernel, rootfs_path=Path("/etc/shadow")))
+        assert e.value.field == "rootfs_path" and mgr.list_vms() == []
+        # A symlink inside the image dir is followed before the check.
+        link = mgr.image_dir / "sneaky.ext4"
+        link.symlink_to("/etc/shadow")
+        try:
+            with pytest.raises(ValidationError, match="outside the image dir"):
+                mgr.create(VMConfig(kernel_path=default_image.kernel, rootfs_path=link))
+        finally:
+            link.unlink()
+    mine = tmp_path / "kernels"
+    mine.mkdir()
+    k = mine / "vmlinux"
+    k.write_bytes(b"\0" * 64)
+    roots = hostlimits.trusted_roots(tmp_path / "images")
+    with pytest.raises(ValidationError, match="SMOLVM_TRUSTED_PATHS"):
+        hostlimits.check_paths(VMConfig(kernel_path=k), roots)
+    monkeypatch.setenv("SMOLVM_TRUSTED_PATHS", f"/nonexistent{os.pathsep}{mine}")
+    roots = hostlimits.trusted_roots(tmp_path / "images")
+    hostlimits.check_paths(VMConfig(kernel_path=k), roots)  # trusted by the operator
+    k.chmod(0o666)
+    with pytest.raises(ValidationError, match="another user"):
+        hostlimits.check_paths(VMConfig(kernel_path=k), roots)
+    fifo = mine / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValidationError, match="kernel_path"):  # VMConfig wants a file already
+        hostlimits.check_paths(VMConfig(kernel_path=fifo), roots)

@@ -179,6 +179,7 @@ class Runtime:
         if not isinstance(config, VMConfig):
             raise ValidationError(f"config must be a VMConfig, got {type(config).__name__}", field="config")
         config = self.resolve_image(config)
+        hostlimits.check_paths(config, hostlimits.trusted_roots(self.image_dir, self.data_dir))
         name = resolve_backend(config.backend) if config.backend else self.backend
         backend = self.backend_for(name)
         if config.workspace_mounts and not backend.supports_shares:
