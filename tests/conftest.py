@@ -184,3 +184,13 @@ def injection_model_dir(request: pytest.FixtureRequest) -> Path:
     else:  # -p no:cacheprovider
         cache_root = Path(tempfile.gettempdir()) / "smolvm-test-models"
     return trainer.build_model(cache_root)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The reliability suite's figures, one JSON line (see tests/test_reliability.py)."""
+    import json
+    import sys
+
+    mod = sys.modules.get("test_reliability")
+    if mod is not None and mod.FIGURES:
+        terminalreporter.write_line("RELIABILITY " + json.dumps(mod.FIGURES, sort_keys=True))

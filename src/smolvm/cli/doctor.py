@@ -315,12 +315,15 @@ def check_state(d: Path | None) -> list[Check]:
         finally:
             store.close()
     except Exception as exc:
+        full = "is full" in str(exc)
         return [
             Check(
                 "state-db",
                 FAIL,
                 f"{path}: {exc}",
-                f"move the file away (mv {path} {path}.broken) and run `smolvm reconcile`; "
+                f"free space in {path.parent}; the database itself is not damaged by this"
+                if full
+                else f"move the file away (mv {path} {path}.broken) and run `smolvm reconcile`; "
                 "running VMs in it are lost",
             )
         ]

@@ -6,13 +6,14 @@ processes cannot take the same port or VM id. The file is created 0600.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +65,23 @@ class StateStore:
     def tx(self) -> Iterator[sqlite3.Connection]:
         """An IMMEDIATE transaction (takes the write lock up front)."""
         conn = self.connect()
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise state_error(self.path, exc) from exc
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
+        except BaseException as exc:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+                raise state_error(self.path, exc) from exc
             raise
         else:
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise state_error(self.path, exc) from exc
 
     def close(self) -> None:
         with self._lock:
@@ -356,3 +366,37 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
         if isinstance(d[k], str):
             d[k] = json.loads(d[k])
     return d
+
+
+def state_error(path: Path, exc: sqlite3.Error) -> StateError:
+    """A typed error for a failed SQLite call, saying what to do about it."""
+    msg = str(exc)
+    try:
+        st = os.statvfs(path.parent)
+        full = st.f_bavail * st.f_frsize < 1024 * 1024
+    except OSError:
+        full = False
+    if full or "full" in msg:
+        hint = f"the filesystem of {path.parent} is full: free space there"
+    elif "locked" in msg or "busy" in msg:
+        hint = "another process held the database for 30 s: retry, or find it with `fuser`"
+    else:
+        hint = f"the file may be damaged: `smolvm doctor` checks it (SMOLVM_DATA_DIR={path.parent})"
+    return StateError(f"state database {path}: {msg}; {hint}")
+
+
+def _typed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def call(self: StateStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.Error as exc:  # IntegrityError is mapped by the methods themselves
+            raise state_error(self.path, exc) from exc
+
+    return call
+
+
+# Every public method (and opening: migrations) raises StateError, never sqlite3's errors.
+for _name, _fn in list(vars(StateStore).items()):
+    if callable(_fn) and (_name == "__init__" or not _name.startswith("_")) and _name not in ("tx", "close"):
+        setattr(StateStore, _name, _typed(_fn))
