@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -138,6 +139,10 @@ def reap(rt: Machines, owner: str) -> list[str]:
     recs = rt.state.owned_vms(owner)
     for rec in recs:
         resources.kill_processes(rt.state, rec.vm_id)
+    for snap in rt.state.list_snapshots():  # ones the owner was still writing
+        if not snap.complete and snap.meta.get("owner") == owner:
+            shutil.rmtree(snap.path, ignore_errors=True)
+            rt.state.delete_snapshot(snap.name)
     gone = []
     for rec in recs:
         try:

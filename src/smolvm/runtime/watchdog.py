@@ -59,8 +59,10 @@ def left_behind(data_dir: str, owner: str) -> bool:
         db = sqlite3.connect(f"file:{data_dir}/state.db?mode=ro", uri=True, timeout=30)
         try:
             row = db.execute(
-                "SELECT 1 FROM vms WHERE owner=? OR (pool IS NOT NULL AND pool_owner=?) LIMIT 1",
-                (owner, owner),
+                "SELECT 1 FROM vms WHERE owner=? OR (pool IS NOT NULL AND pool_owner=?) UNION ALL "
+                "SELECT 1 FROM snapshots WHERE json_extract(meta, '$.owner')=? "
+                "AND NOT json_extract(meta, '$.complete') LIMIT 1",
+                (owner, owner, owner),
             ).fetchone()
         finally:
             db.close()

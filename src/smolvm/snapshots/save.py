@@ -19,7 +19,7 @@ from typing import Any
 
 from smolvm.exceptions import InvalidStateError, SmolVMError, SnapshotError
 from smolvm.keys import ensure_client_key
-from smolvm.runtime import Runtime
+from smolvm.runtime import Runtime, lifetime
 from smolvm.runtime.memory import shared_memory_fd
 from smolvm.runtime.overlay import backing_file
 from smolvm.snapshots.records import (
@@ -117,7 +117,9 @@ def create_snapshot(
     if d.exists() and rt.state.get_snapshot(name) is None:
         shutil.rmtree(d)  # debris of a crash before the row was written
     config = encode_config(rec.config)
-    rt.state.insert_snapshot(name, source_vm=vm_id, path=str(d), config=config, meta={"complete": False})
+    owner = lifetime.ensure_watchdog(rt)  # if this process dies mid-save, it removes the half
+    meta0 = {"complete": False, "owner": owner}
+    rt.state.insert_snapshot(name, source_vm=vm_id, path=str(d), config=config, meta=meta0)
     backend = rt.backend_for(rec.backend)
     try:
         d.mkdir(parents=True, mode=0o700)
