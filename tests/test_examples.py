@@ -80,3 +80,13 @@ def test_prompt_injection_guard_with_local_model(tmp_path, default_image, inject
     assert p.returncode == 0, p.stderr
     assert "Prompt injection detected (malicious" in p.stdout
     assert no_vms_left(tmp_path)
+
+
+def test_mcp_client(tmp_path, default_image):
+    bin_dir = str(Path(sys.executable).parent)  # `smolvm` next to this interpreter
+    p = run_example("mcp_client.py", tmp_path, {"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("tools: create_sandbox, delete_sandbox")
+    assert lines[1:] == ["uname: Linux", "rm -rf / refused: True"]
+    assert no_vms_left(tmp_path)

@@ -365,12 +365,12 @@ def test_r3_bad_input_only_ever_raises_typed_errors(shared_vm, tmp_path: Path) -
 # ---------------------------------------------------------------- R4 guest faults
 FILL_DISK = (
     "python3 -c \"import os; st = os.statvfs('/root'); fd = os.open('/root/fill', os.O_CREAT | os.O_WRONLY); "
-    'os.posix_fallocate(fd, 0, st.f_bavail * st.f_frsize)"; echo more >> /root/more || echo ENOSPC'
+    'os.posix_fallocate(fd, 0, st.f_bfree * st.f_frsize)"; echo more >> /root/more || echo ENOSPC'
 )
 GUEST_FAULTS = [
     # (name, command, timeout s, the VM survives)
     ("agent-kill", "kill -9 1; kill -SEGV 1; echo pid1-immune", 10, True),
-    ("fork-bomb", "b() { b | b & }; b", 5, True),
+    ("fork-bomb", "b() { b | b & }; b; sleep 30", 5, True),  # bombs on until the timeout
     ("guest-oom", "python3 -c 'b = []\nwhile True: b.append(bytearray(32 << 20))'", 30, True),
     ("disk-full", FILL_DISK, 30, True),
     ("output-flood", "yes flood", 3, True),

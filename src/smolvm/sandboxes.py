@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 
 from smolvm import pools, snapshots
-from smolvm.exceptions import SmolVMError, SnapshotError
+from smolvm.exceptions import BackendError, SmolVMError, SnapshotError
+from smolvm.runtime import lifetime
 from smolvm.types import VMConfig, VMInfo
 from smolvm.vm import SmolVMManager
 
@@ -46,3 +47,21 @@ def create_sandbox(
             except SnapshotError as exc:  # stale or damaged: a cold boot still works
                 log.warning("cannot restore %s (%s); cold boot instead", ref, exc)
     return mgr.create(config)
+
+
+def cold_boot_instead(
+    mgr: SmolVMManager, info: VMInfo, exc: SmolVMError, owned: bool, boot_timeout: float
+) -> VMInfo:
+    """A sandbox whose restore from its image's boot snapshot failed: cold-boot it instead
+    (same id and settings). QEMU refusing the state or missing files mean the boot snapshot
+    is broken: drop it (retried later); a timeout may be load."""
+    ref = info.snapshot or ""
+    log.warning("restoring %s failed (%s); cold boot instead", ref, exc)
+    if isinstance(exc, (BackendError, SnapshotError)):
+        snapshots.discard_image_snapshot(mgr, ref, str(exc))
+    # The image's own config (boot files resolved afresh), not the snapshot's paths.
+    config = info.config.model_copy(update={"kernel_path": None, "rootfs_path": None, "initrd_path": None})
+    mgr.delete(info.vm_id)
+    with lifetime.owning(mgr, enabled=owned):
+        mgr.create(VMConfig(**config.model_dump()))
+    return mgr.start(info.vm_id, boot_timeout=boot_timeout)

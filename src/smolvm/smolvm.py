@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -14,16 +15,15 @@ from smolvm import pools, snapshots
 from smolvm.callbacks import Callback, RunContext, run_pre_hooks, run_with_callbacks
 from smolvm.exceptions import (
     AgentError,
-    BackendError,
     CommandExecutionUnavailableError,
     CommandFateUnknownError,
     GuestCrashedError,
     OperationTimeoutError,
     SmolVMError,
-    SnapshotError,
     TransportError,
     ValidationError,
 )
+from smolvm.files import Files
 from smolvm.idle import IdleTimer, check_args
 from smolvm.options import (
     DEFAULT_MAX_DOWNLOAD,
@@ -35,7 +35,7 @@ from smolvm.options import (
 from smolvm.runtime import BOOT_TIMEOUT, STOP_TIMEOUT, lifetime
 from smolvm.runtime.channels import with_scp
 from smolvm.runtime.identity import read_guest_env, write_guest_env
-from smolvm.sandboxes import create_sandbox
+from smolvm.sandboxes import cold_boot_instead, create_sandbox
 from smolvm.snapshots import SnapshotInfo
 from smolvm.transports.base import (
     ExecRequest,
@@ -262,16 +262,7 @@ class SmolVM:
             ref = self._info.snapshot or ""
             if not (self._owned and ref.startswith("image:") and self._info.started_at is None):
                 raise
-            # Cold-boot this sandbox instead. QEMU refusing the state or missing files mean
-            # the boot snapshot is broken: drop it (retried later). A timeout may be load.
-            log.warning("restoring %s failed (%s); cold boot instead", ref, exc)
-            if isinstance(exc, (BackendError, SnapshotError)):
-                snapshots.discard_image_snapshot(self._manager, ref, str(exc))
-            config = self._info.config
-            self._manager.delete(self.vm_id)
-            with lifetime.owning(self._manager, enabled=not self._detached):
-                self._info = self._manager.create(VMConfig(**config.model_dump()))
-            self._info = self._manager.start(self.vm_id, boot_timeout=boot_timeout)
+            self._info = cold_boot_instead(self._manager, self._info, exc, not self._detached, boot_timeout)
         if not self._resume_on_start and self._info.status is VMState.RUNNING:
             self._resume_on_start = True  # once: a later stop/start boots normally
             self.pause()
@@ -433,11 +424,9 @@ class SmolVM:
             capture: False keeps no output (the callbacks get it all): constant memory for
                 output of any size.
 
-        An exception raised by an output callback stops the command (its whole session
-        is killed) and propagates.
-
-        A guest that dies under the command (kernel panic) raises ``GuestCrashedError``
-        (the VM is then ERROR; the message ends with its console tail).
+        An exception raised by an output callback stops the command (its whole session is
+        killed) and propagates. A guest that dies under the command (kernel panic) raises
+        ``GuestCrashedError`` (the VM is then ERROR; the message ends with its console tail).
         """
         req = self._request(command, timeout, shell, env, cwd, stdin, limits, max_output_bytes, capture)
         ctx = RunContext(self.vm_id, command, shell, timeout, env=env, cwd=cwd, stdin=stdin)
@@ -515,7 +504,6 @@ class SmolVM:
         """``run`` for asyncio code: the same core, on a worker thread."""
         return await asyncio.to_thread(self.run, command, timeout, shell, **kw)
 
-    # ------------------------------------------------------------------ env vars
     def list_env_vars(self) -> dict[str, str]:
         """Variables in the guest's /etc/profile.d/smolvm_env.sh."""
         return self._crash_checked(lambda: read_guest_env(self._channel()))
@@ -539,6 +527,11 @@ class SmolVM:
         self._manager.set_config_env(self.vm_id, env)
 
     # ------------------------------------------------------------------ files
+    @functools.cached_property
+    def files(self) -> Files:
+        """The guest's filesystem: read, write, list, exists, remove, make_dir, rename."""
+        return Files(self)
+
     def upload_file(self, local_path: str | Path, guest_path: str, mode: int | None = None) -> None:
         """Copy a host file into the guest (streamed; keeps its permissions unless ``mode``)."""
         p = Path(local_path).expanduser()
@@ -556,7 +549,6 @@ class SmolVM:
         dest = Path(local_path).expanduser()
         self._crash_checked(lambda: self._channel().download(guest_path, dest, max_bytes))
 
-    # ------------------------------------------------------------------ ports
     def expose_local(self, guest_port: int, host_port: int | None = None) -> int:
         """Serve the guest's TCP ``guest_port`` on the host's ``127.0.0.1:host_port`` (a
         free port when None); returns the host port. Kept across stop/start, removed by
@@ -574,7 +566,6 @@ class SmolVM:
         """``{host_port: guest_port}`` of the VM's forwards on 127.0.0.1 (SSH excluded)."""
         return self._manager.exposed_ports(self.vm_id)
 
-    # ------------------------------------------------------------------ SSH strings
     def ssh_commands(
         self, ssh_user: str = "root", key_path: str | Path | None = None, public_host: str | None = None
     ) -> dict[str, str]:

@@ -14,7 +14,19 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from smolvm.cli import audit, common, demo, doctor, execution, images, ports, setup, snapshots, vms
+from smolvm.cli import (
+    audit,
+    common,
+    demo,
+    doctor,
+    execution,
+    images,
+    mcp_server,
+    ports,
+    setup,
+    snapshots,
+    vms,
+)
 from smolvm.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, OPTS, err
 
 try:  # recent typer vendors click as typer._click; older releases use the click package
@@ -155,6 +167,7 @@ app.add_typer(images.image_app, name="image", rich_help_panel=HOST)
 
 app.add_typer(snapshots.snapshot_app, name="snapshot", rich_help_panel=MORE)
 app.command("demo", rich_help_panel=MORE)(demo.demo)
+app.command("mcp", rich_help_panel=MORE)(mcp_server.command)
 app.command("version", rich_help_panel=MORE)(demo.version)
 
 

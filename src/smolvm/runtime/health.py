@@ -11,6 +11,7 @@ from typing import Protocol
 
 from smolvm import procs
 from smolvm.backends.base import LaunchSpec, socket_files
+from smolvm.exceptions import VMNotFoundError
 from smolvm.runtime import console, resources
 from smolvm.state import StateStore
 from smolvm.state.records import VMRecord
@@ -31,19 +32,22 @@ class Machines(Protocol):
     def serial_tail(self, vm_id: str, n: int = 4000) -> str: ...
 
 
-def checked(rt: Machines, rec: VMRecord) -> VMRecord:
+def checked(rt: Machines, rec: VMRecord) -> VMRecord | None:
     """``rec``, or — if it says running/paused but its VMM is gone — the row after marking
-    the VM ERROR (its sockets and helpers removed)."""
+    the VM ERROR (its sockets and helpers removed); None if it was deleted meanwhile."""
     if rec.status not in LIVE:
         return rec
     token = resources.process_token(rt.state, rec.vm_id)
     if procs.is_alive(rec.pid, token):
         return rec
-    fresh = rt.state.get_vm(rec.vm_id)
-    if fresh.status not in LIVE or fresh.pid != rec.pid:
-        return fresh  # stopped or restarted meanwhile
-    _mark(rt, fresh, token, "VM process is gone")
-    return rt.state.get_vm(rec.vm_id)
+    try:
+        fresh = rt.state.get_vm(rec.vm_id)
+        if fresh.status not in LIVE or fresh.pid != rec.pid:
+            return fresh  # stopped or restarted meanwhile
+        _mark(rt, fresh, token, "VM process is gone")
+        return rt.state.get_vm(rec.vm_id)
+    except VMNotFoundError:
+        return None  # another process deleted it (its VMM first) while we looked
 
 
 def _mark(rt: Machines, rec: VMRecord, token: str | None, why: str) -> None:

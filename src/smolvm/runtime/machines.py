@@ -468,11 +468,14 @@ class Runtime:
     # ------------------------------------------------------------------ queries
     def get(self, vm_id: str) -> VMInfo:
         """The VM's info; one whose VMM died is reported (and recorded) as ERROR."""
-        return health.checked(self, self.state.get_vm(vm_id)).info()
+        rec = health.checked(self, self.state.get_vm(vm_id))
+        if rec is None:
+            raise VMNotFoundError(vm_id)
+        return rec.info()
 
     def list_vms(self, status: VMState | None = None) -> list[VMInfo]:
         recs = [health.checked(self, r) for r in self.state.list_vms()]
-        return [r.info() for r in recs if status is None or r.status is VMState(status)]
+        return [r.info() for r in recs if r is not None and (status is None or r.status is VMState(status))]
 
     def crash_report(self, vm_id: str, grace: float = 1.5) -> str | None:
         """See :func:`smolvm.runtime.health.crash_report`."""
