@@ -90,3 +90,19 @@ def test_mcp_client(tmp_path, default_image):
     assert lines[0].startswith("tools: create_sandbox, delete_sandbox")
     assert lines[1:] == ["uname: Linux", "rm -rf / refused: True"]
     assert no_vms_left(tmp_path)
+
+
+def test_async_agent(tmp_path, default_image):
+    p = run_example("async_agent.py", tmp_path)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert sorted(lines[:-1]) == ["box1-1", "box1-2", "box2-1", "box2-2"]
+    assert lines[-1] == "results: ['1', '2']"
+    assert no_vms_left(tmp_path)
+
+
+def test_files_api_example(tmp_path, default_image):
+    p = run_example("files_api.py", tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["notes.txt file 6 0o644", "hello", "exists after remove: False"]
+    assert no_vms_left(tmp_path)

@@ -29,6 +29,8 @@ LAYERS: list[set[str]] = [
         "sandboxes",
         "idle",
         "files",
+        "aio",
+        "endpoints",
     },  # package, SmolVM facade, SmolVMManager
     {"pools"},
     {"snapshots"},

@@ -5,6 +5,7 @@ with SmolVM() as vm:
     print(vm.run("echo hi").output)
 """
 
+from smolvm.aio import AsyncSmolVM
 from smolvm.callbacks import Callback, RunContext
 from smolvm.exceptions import (
     AgentError,
@@ -29,6 +30,7 @@ from smolvm.exceptions import (
     VMNotFoundError,
     VMTimeoutError,
 )
+from smolvm.files import FileInfo
 from smolvm.images.builder import ImageBuilder
 from smolvm.pools import WarmPool
 from smolvm.smolvm import SmolVM
@@ -40,6 +42,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SmolVM",
+    "AsyncSmolVM",
+    "FileInfo",
     "SmolVMManager",
     "VMConfig",
     "VMInfo",

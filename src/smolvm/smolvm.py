@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from smolvm import pools, snapshots
-from smolvm.callbacks import Callback, RunContext, run_pre_hooks, run_with_callbacks
+from smolvm.callbacks import (
+    Callback,
+    EnvContext,
+    FileContext,
+    RunContext,
+    around,
+    lifecycle,
+    run_pre_hooks,
+    run_with_callbacks,
+)
+from smolvm.endpoints import Endpoints
 from smolvm.exceptions import (
     AgentError,
     CommandExecutionUnavailableError,
@@ -33,7 +43,6 @@ from smolvm.options import (
     sandbox_config,
 )
 from smolvm.runtime import BOOT_TIMEOUT, STOP_TIMEOUT, lifetime
-from smolvm.runtime.channels import with_scp
 from smolvm.runtime.identity import read_guest_env, write_guest_env
 from smolvm.sandboxes import cold_boot_instead, create_sandbox
 from smolvm.snapshots import SnapshotInfo
@@ -58,7 +67,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class SmolVM:
+class SmolVM(Endpoints):
     """A sandbox: one microVM plus the channel used to run commands in it.
 
     ``SmolVM()`` uses the default image; ``SmolVM(config)`` a custom one. The VM is created
@@ -254,6 +263,7 @@ class SmolVM:
         return self
 
     # ------------------------------------------------------------------ lifecycle
+    @lifecycle("start")
     def start(self, boot_timeout: float = BOOT_TIMEOUT) -> SmolVM:
         """Boot the VM and wait up to ``boot_timeout`` seconds until it is ready; returns self."""
         try:
@@ -268,12 +278,14 @@ class SmolVM:
             self.pause()
         return self
 
+    @lifecycle("stop")
     def stop(self, timeout: float = STOP_TIMEOUT) -> SmolVM:
         """Shut down cleanly, killing the VM after ``timeout`` seconds."""
         self._close_transport()
         self._info = self._manager.stop(self.vm_id, timeout=timeout)
         return self
 
+    @lifecycle("delete")
     def delete(self) -> None:
         """Remove the VM, its forwards, state and disk (unless ``retain_disk_on_delete``)."""
         self._close_transport()
@@ -290,11 +302,13 @@ class SmolVM:
         if self._own_manager:
             self._manager.close()
 
+    @lifecycle("pause")
     def pause(self) -> SmolVM:
         """Freeze the VM (its vCPUs stop; memory and connections stay)."""
         self._info = self._manager.pause(self.vm_id)
         return self
 
+    @lifecycle("resume")
     def resume(self) -> SmolVM:
         """Continue a paused VM; its clock is reset and its RNG reseeded."""
         self._info = self._manager.resume(self.vm_id, transport=self._transport)
@@ -308,6 +322,7 @@ class SmolVM:
         status = self.refresh().status
         self.resume() if status is VMState.PAUSED else self.start() if status is VMState.STOPPED else None
 
+    @lifecycle("snapshot")
     def snapshot(self, name: str | None = None, *, resume: bool = True) -> SnapshotInfo:
         """Save memory, devices and disk as snapshot ``name`` (generated when None).
 
@@ -338,8 +353,8 @@ class SmolVM:
                 # time — unless the disk is kept.
                 self._close_transport()
                 if self._info.config.retain_disk_on_delete and self.refresh().status is VMState.RUNNING:
-                    self._manager.stop(self.vm_id)
-                self._manager.delete(self.vm_id)
+                    self.stop()
+                self.delete()
             elif self.refresh().status in (VMState.RUNNING, VMState.PAUSED):
                 self.stop()
         finally:
@@ -389,11 +404,6 @@ class SmolVM:
             return True
         return "init=" in info.config.boot_args and info.network.ssh_host_port is not None
 
-    def wait_for_ssh(self, timeout: float = 60.0) -> None:
-        """Block until SSH answers (``timeout`` seconds) — for custom boot sequences."""
-        self._manager.transport(self.vm_id, "ssh").wait_ready(timeout)
-
-    # ------------------------------------------------------------------ commands
     def run(
         self,
         command: str,
@@ -511,15 +521,18 @@ class SmolVM:
     def set_env_vars(self, env_vars: dict[str, str], *, merge: bool = True) -> dict[str, str]:
         """Persist variables for login-shell commands (survive stop/start); returns all vars."""
         current = self.list_env_vars() if merge else {}
-        current.update(checked_env(env_vars))
-        self._write_env(current)
+        new = checked_env(env_vars)
+        current.update(new)
+        around(self._callbacks, "env", EnvContext(self.vm_id, set=new), lambda: self._write_env(current))
         return current
 
     def unset_env_vars(self, keys: list[str]) -> dict[str, str]:
         current = self.list_env_vars()
         for k in keys:
             current.pop(k, None)
-        self._write_env(current)
+        around(
+            self._callbacks, "env", EnvContext(self.vm_id, unset=list(keys)), lambda: self._write_env(current)
+        )
         return current
 
     def _write_env(self, env: dict[str, str]) -> None:
@@ -537,7 +550,13 @@ class SmolVM:
         p = Path(local_path).expanduser()
         if not p.is_file():
             raise ValidationError(f"local file does not exist: {p}", field="local_path")
-        self._crash_checked(lambda: self._channel().upload(p, guest_path, mode))
+        ctx = FileContext(self.vm_id, "upload", guest_path, str(p), mode, p.stat().st_size)
+        around(
+            self._callbacks,
+            "file",
+            ctx,
+            lambda: self._crash_checked(lambda: self._channel().upload(p, guest_path, mode)),
+        )
 
     def download_file(
         self, guest_path: str, local_path: str | Path, *, max_bytes: int | None = DEFAULT_MAX_DOWNLOAD
@@ -547,40 +566,13 @@ class SmolVM:
         ``max_bytes`` (default 1 GiB; None: no limit) raises ``TransferLimitError`` and
         leaves nothing at ``local_path``."""
         dest = Path(local_path).expanduser()
-        self._crash_checked(lambda: self._channel().download(guest_path, dest, max_bytes))
+        ctx = FileContext(self.vm_id, "download", guest_path, str(dest))
 
-    def expose_local(self, guest_port: int, host_port: int | None = None) -> int:
-        """Serve the guest's TCP ``guest_port`` on the host's ``127.0.0.1:host_port`` (a
-        free port when None); returns the host port. Kept across stop/start, removed by
-        :meth:`unexpose_local` and delete. Never bound on other interfaces."""
-        port = self._manager.expose_local(self.vm_id, guest_port, host_port)
-        self.refresh()
-        return port
+        def fetch() -> None:
+            self._crash_checked(lambda: self._channel().download(guest_path, dest, max_bytes))
+            ctx.size = dest.stat().st_size
 
-    def unexpose_local(self, host_port: int) -> None:
-        """Remove the forward of ``host_port`` made by :meth:`expose_local`."""
-        self._manager.unexpose_local(self.vm_id, host_port)
-        self.refresh()
-
-    def exposed_ports(self) -> dict[int, int]:
-        """``{host_port: guest_port}`` of the VM's forwards on 127.0.0.1 (SSH excluded)."""
-        return self._manager.exposed_ports(self.vm_id)
-
-    def ssh_commands(
-        self, ssh_user: str = "root", key_path: str | Path | None = None, public_host: str | None = None
-    ) -> dict[str, str]:
-        """Shell-ready "ssh", "scp_to_guest" and "scp_from_guest" commands (host key pinned)."""
-        cmds = self._manager.get_ssh_commands(
-            self.vm_id, ssh_user=ssh_user, key_path=key_path, public_host=public_host
-        )
-        ssh = cmds.get("localhost_port") or cmds.get("private_ip")
-        if ssh is None:
-            raise CommandExecutionUnavailableError(
-                f"VM {self.vm_id} has no SSH endpoint (network={self._info.config.network})",
-                "create it with network='user' or 'tap'",
-                self.vm_id,
-            )
-        return {**cmds, **with_scp(ssh)}
+        around(self._callbacks, "file", ctx, fetch)
 
     def __repr__(self) -> str:
         return f"SmolVM(vm_id={self.vm_id!r}, status={self._info.status.value})"

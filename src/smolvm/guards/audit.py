@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from smolvm.callbacks import Callback, RunContext
+from smolvm.callbacks import Callback, EnvContext, FileContext, LifecycleContext, RunContext
 from smolvm.exceptions import CommandBlockedError, SmolVMError, ValidationError
 from smolvm.paths import resolve_data_dir
 from smolvm.state import StateStore
@@ -416,6 +416,40 @@ class AuditLog(Callback):
 
     def close(self) -> None:
         self.store.close()
+
+    def on_post_file(self, ctx: FileContext) -> None:
+        """Every transfer, refused or not: ``[upload] /guest/path <- /host/path``."""
+        arrow = "<-" if ctx.direction == "upload" else "->"
+        size = f" ({ctx.size} bytes)" if ctx.size is not None else ""
+        self._op(
+            ctx.vm_id, f"[{ctx.direction}] {ctx.guest_path} {arrow} {ctx.local_path}{size}", "file", ctx.error
+        )
+
+    def on_post_env(self, ctx: EnvContext) -> None:
+        """Env changes: names only (values may be secrets)."""
+        what = " ".join([*(f"set {k}" for k in sorted(ctx.set)), *(f"unset {k}" for k in ctx.unset)])
+        self._op(ctx.vm_id, f"[env] {what}", "env", ctx.error)
+
+    def on_post_lifecycle(self, ctx: LifecycleContext) -> None:
+        extra = " ".join(f"{k}={v}" for k, v in sorted(ctx.details.items()))
+        self._op(ctx.vm_id, f"[{ctx.action}] {extra}".rstrip(), "lifecycle", ctx.error)
+
+    def _op(self, vm_id: str, what: str, shell: str, error: Exception | None) -> None:
+        now = time.time()
+        status = "ok" if error is None else "blocked" if isinstance(error, CommandBlockedError) else "error"
+        row = {
+            "vm_id": vm_id,
+            "command": what[:4000],
+            "shell": shell,
+            "started_at": now,
+            "ended_at": now,
+            "duration": 0.0,
+            "status": status,
+            "error": None if error is None else str(error)[:1000],
+        }
+        if isinstance(error, CommandBlockedError):
+            row["blocked_by"] = str(error.details.get("guard") or "SafetyGuard")
+        self._write(row)
 
     def __enter__(self) -> AuditLog:
         return self

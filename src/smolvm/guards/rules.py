@@ -403,4 +403,44 @@ RULES: dict[str, str] = {r.name: r.description for r in BUILTIN_RULES}
 RULES[UNPARSEABLE] = "the command could not be parsed (only when fail_closed)"
 
 
-__all__ = ["SimpleCommand", "Rule", "BUILTIN_RULES", "RULES", "DEFAULT_PROTECTED_PATHS", "UNPARSEABLE"]
+#: Guest paths an upload may not write (files there run code later, unseen by guards).
+STARTUP_PATHS = (
+    "/etc/profile",
+    "/etc/profile.d",
+    "/etc/bash.bashrc",
+    "/etc/environment",
+    "/root/.bashrc",
+    "/root/.profile",
+    "/root/.bash_profile",
+    "/root/.ssh",
+    "/etc/cron.d",
+    "/etc/crontab",
+    "/var/spool/cron",
+    "/etc/init.d",
+    "/etc/rc.local",
+    "/etc/systemd",
+    "/etc/ld.so.preload",
+    "/etc/sudoers",
+    "/etc/sudoers.d",
+    "/usr/lib/smolvm",
+    "/sbin/init",
+    "/init",
+)
+
+
+def startup_path(path: str) -> str | None:
+    """The entry of :data:`STARTUP_PATHS` that guest ``path`` is or lies under, if any."""
+    norm = posixpath.normpath(path)
+    return next((p for p in STARTUP_PATHS if norm == p or norm.startswith(p + "/")), None)
+
+
+__all__ = [
+    "SimpleCommand",
+    "Rule",
+    "BUILTIN_RULES",
+    "RULES",
+    "DEFAULT_PROTECTED_PATHS",
+    "UNPARSEABLE",
+    "STARTUP_PATHS",
+    "startup_path",
+]

@@ -24,7 +24,7 @@ from typing import Any
 import bashlex
 import bashlex.errors
 
-from smolvm.callbacks import Callback, RunContext
+from smolvm.callbacks import Callback, FileContext, RunContext
 from smolvm.exceptions import CommandBlockedError, ValidationError
 from smolvm.guards import shellparse as sp
 from smolvm.guards.rules import (
@@ -36,6 +36,7 @@ from smolvm.guards.rules import (
     SimpleCommand,
     normpath,
     resolve_path,
+    startup_path,
 )
 from smolvm.guards.strict import STRICT_BUILTIN, STRICT_RULES, children, self_spawning, spawn_loop
 from smolvm.guards.wrappers import unwrap
@@ -545,6 +546,19 @@ class SafetyGuard(Callback):
             )
             err.verdict = verdict
             raise err
+
+    def on_pre_file(self, ctx: FileContext) -> None:
+        """Uploads that would run on their own later (shell profiles, cron, init scripts,
+        loader preloads, SSH keys, sudoers) are vetoed like ``echo ... > /etc/profile.d/x``."""
+        if ctx.direction != "upload":
+            return
+        if (hit := startup_path(ctx.guest_path)) is not None:
+            raise CommandBlockedError(
+                f"upload to {ctx.guest_path} blocked by SafetyGuard (rule startup-file): files "
+                f"under {hit} run code later, outside any command a guard sees",
+                vm_id=ctx.vm_id,
+                command=f"upload {ctx.guest_path}",
+            )
 
     def __repr__(self) -> str:
         return f"SafetyGuard(policy={self.policy!r})"
