@@ -436,6 +436,16 @@ def test_r4_guest_faults_end_every_call_in_time(vms) -> None:
 
 
 # ---------------------------------------------------------------- R5 host faults
+def run_doctor(data: Path) -> subprocess.CompletedProcess[str]:
+    """``smolvm doctor`` for data dir ``data``."""
+    return subprocess.run(
+        [sys.executable, "-m", "smolvm.cli.main", "doctor"],
+        env={**os.environ, "SMOLVM_DATA_DIR": str(data)},
+        capture_output=True,
+        text=True,
+    )
+
+
 @pytest.mark.requires("root")
 def test_r5_full_filesystem_and_truncated_database(tmp_path: Path, default_image) -> None:
     from smolvm import SmolVM, SmolVMManager, VMConfig
@@ -458,12 +468,7 @@ def test_r5_full_filesystem_and_truncated_database(tmp_path: Path, default_image
                 vm.run("true")
         figures["full_fs_error"] = type(e.value).__name__
         assert "full" in str(e.value), e.value
-        doctor = subprocess.run(
-            [sys.executable, "-m", "smolvm.cli.main", "doctor"],
-            env={**os.environ, "SMOLVM_DATA_DIR": str(data)},
-            capture_output=True,
-            text=True,
-        )
+        doctor = run_doctor(data)
         assert "0 B free" in doctor.stdout and "is full" in doctor.stdout, doctor.stdout[-2000:]
         (mnt / "fill").unlink()
         with SmolVMManager(data_dir=data) as m:  # nothing was corrupted
@@ -482,11 +487,6 @@ def test_r5_full_filesystem_and_truncated_database(tmp_path: Path, default_image
             m.list_vms()
             m.state.integrity_check()
     figures["truncated_db_error"] = type(e2.value).__name__
-    doctor = subprocess.run(
-        [sys.executable, "-m", "smolvm.cli.main", "doctor"],
-        env={**os.environ, "SMOLVM_DATA_DIR": str(data)},
-        capture_output=True,
-        text=True,
-    )
+    doctor = run_doctor(data)
     assert "state-db" in doctor.stdout and "malformed" in doctor.stdout, doctor.stdout[-2000:]
     FIGURES["R5"] = figures
