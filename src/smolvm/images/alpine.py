@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from smolvm.exceptions import ImageError
 from smolvm.images.artifacts import ImageArtifacts
+from smolvm.images.rootfs import extract_all
 
 
 class Assembler(Protocol):
@@ -95,7 +96,7 @@ def build_alpine(
         if _sha256(tgz) != want:
             raise ImageError(f"checksum mismatch for {url}: the download is corrupt; retry")
         with tarfile.open(tgz) as tar:
-            tar.extractall(tree, filter="fully_trusted")
+            extract_all(tar, tree)
         shutil.copy("/etc/resolv.conf", tree / "etc/resolv.conf")
         repos = f"{alpine_mirror()}/{ALPINE_BRANCH}/main\n{alpine_mirror()}/{ALPINE_BRANCH}/community\n"
         (tree / "etc/apk/repositories").write_text(repos)

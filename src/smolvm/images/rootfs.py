@@ -174,7 +174,7 @@ def pack_tree(root: Path, tar_path: Path) -> None:
 def unpack_tree(tar_path: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(tar_path) as tar:
-        tar.extractall(dest, filter="fully_trusted")
+        extract_all(tar, dest)
 
 
 def make_ext4(root: Path, image: Path, size_mib: int) -> Path:
@@ -208,3 +208,13 @@ def make_ext4(root: Path, image: Path, size_mib: int) -> Path:
     )
     os.replace(tmp, image)
     return image
+
+
+def extract_all(tar: tarfile.TarFile, dest: Path) -> None:
+    """Unpack one of our own archives (built here, or Debian's checked packages) whole.
+    Python >= 3.11.4 wants the filter named; older 3.11 (Debian 12's 3.11.2) has none and
+    behaves like "fully_trusted"."""
+    if hasattr(tarfile, "fully_trusted_filter"):
+        tar.extractall(dest, filter="fully_trusted")
+    else:
+        tar.extractall(dest)
