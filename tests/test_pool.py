@@ -147,8 +147,13 @@ def test_pool_size_env_makes_sandboxes_pooled(vms, monkeypatch: pytest.MonkeyPat
         with first:
             assert first.run("true").ok
         assert pool.wait_ready(timeout=120), pool.stats()
-        with vms.sandbox() as second:
-            assert second.run("true").ok
+        second = vms.sandbox()  # seed-style manual lifecycle: start() on a handed-out VM
+        try:
+            second.start()
+            assert second.status.value == "running" and second.run("true").ok
+        finally:
+            second.stop()
+            second.delete()
         assert pool.handed_out == 1
         with vms.sandbox(cold_boot=True) as cold:  # explicit cold boot bypasses the pool
             assert cold.info.snapshot is None

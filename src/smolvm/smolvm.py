@@ -265,7 +265,10 @@ class SmolVM(Endpoints):
     # ------------------------------------------------------------------ lifecycle
     @lifecycle("start")
     def start(self, boot_timeout: float = BOOT_TIMEOUT) -> SmolVM:
-        """Boot the VM and wait up to ``boot_timeout`` seconds until it is ready; returns self."""
+        """Boot the VM and wait up to ``boot_timeout`` seconds until it is ready; returns self
+        (at once when it already runs, e.g. handed out running by a warm pool)."""
+        if self._owned and self.refresh().status is VMState.RUNNING:
+            return self
         try:
             self._info = self._manager.start(self.vm_id, boot_timeout=boot_timeout, keep_channel=True)
         except SmolVMError as exc:
