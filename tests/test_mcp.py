@@ -81,6 +81,11 @@ def test_tools_over_stdio_and_the_session_cleans_up(data_dir: Path, default_imag
         }
 
     out = session(data_dir, work)
+    with SmolVMManager(data_dir=data_dir) as m:
+        left = [v.vm_id for v in m.list_vms()]
+        for vm_id in left:  # keep=true outlives the session (and would outlive this test)
+            m.delete(vm_id)
+    assert left == [out["kept"]]  # the session's sandboxes went with it; keep=true stayed
     assert out["names"] == sorted(TOOLS)
     assert out["ran"] == {"exit_code": 3, "stdout": "hi\n", "stderr": "err\n", "truncated": False}
     assert out["read"]["content"] == "hello mcp\n" and out["read"]["encoding"] == "utf-8"
@@ -88,10 +93,6 @@ def test_tools_over_stdio_and_the_session_cleans_up(data_dir: Path, default_imag
     assert notes["type"] == "file" and notes["size"] == 10 and notes["mode"] == "644"
     assert {out["box"], out["kept"]} <= set(out["listed"]) and out["gone"] not in out["listed"]
     assert out["bad"].is_error and "nope" in out["bad"].content[0].text
-    with SmolVMManager(data_dir=data_dir) as m:
-        left = [v.vm_id for v in m.list_vms()]
-        assert left == [out["kept"]]  # the session's sandboxes went with it; keep=true stayed
-        m.delete(out["kept"])
 
 
 def test_a_guarded_server_refuses_with_a_tool_error(data_dir: Path, default_image) -> None:
