@@ -61,33 +61,19 @@ class Sandboxes:
         self._lock = threading.Lock()
 
     def record(self, tool: str, vm_id: str, detail: str, fn: Callable[[], Any]) -> Any:
-        """Run one tool call, recording it in the audit log when there is one."""
+        """Run one tool call, recording it in the audit log when there is one (commands
+        are recorded by AuditLog's own run hooks)."""
         t0 = time.time()
+        error: BaseException | None = None
         try:
-            out = fn()
+            return fn()
         except BaseException as exc:
-            self._audit(tool, vm_id, detail, t0, "error", f"{type(exc).__name__}: {exc}")
+            error = exc
             raise
-        self._audit(tool, vm_id, detail, t0, "ok", None)
-        return out
-
-    def _audit(self, tool: str, vm_id: str, detail: str, t0: float, status: str, error: str | None) -> None:
-        if self.audit is None or tool == "run_command":  # commands: AuditLog's own hooks
-            return
-        now = time.time()
-        self.audit.store.insert(
-            {
-                "vm_id": vm_id or "-",
-                "command": f"[mcp] {tool} {detail}"[:4000],
-                "shell": "mcp",
-                "started_at": t0,
-                "ended_at": now,
-                "duration": now - t0,
-                "status": status,
-                "error": error,
-                "channel": "mcp",
-            }
-        )
+        finally:
+            if self.audit is not None and tool != "run_command":
+                what = f"[mcp] {tool} {detail}"
+                self.audit.record_op(vm_id or "-", what, "mcp", error, started_at=t0, channel="mcp")
 
     def create(
         self,

@@ -421,31 +421,44 @@ class AuditLog(Callback):
         """Every transfer, refused or not: ``[upload] /guest/path <- /host/path``."""
         arrow = "<-" if ctx.direction == "upload" else "->"
         size = f" ({ctx.size} bytes)" if ctx.size is not None else ""
-        self._op(
+        self.record_op(
             ctx.vm_id, f"[{ctx.direction}] {ctx.guest_path} {arrow} {ctx.local_path}{size}", "file", ctx.error
         )
 
     def on_post_env(self, ctx: EnvContext) -> None:
         """Env changes: names only (values may be secrets)."""
         what = " ".join([*(f"set {k}" for k in sorted(ctx.set)), *(f"unset {k}" for k in ctx.unset)])
-        self._op(ctx.vm_id, f"[env] {what}", "env", ctx.error)
+        self.record_op(ctx.vm_id, f"[env] {what}", "env", ctx.error)
 
     def on_post_lifecycle(self, ctx: LifecycleContext) -> None:
         extra = " ".join(f"{k}={v}" for k, v in sorted(ctx.details.items()))
-        self._op(ctx.vm_id, f"[{ctx.action}] {extra}".rstrip(), "lifecycle", ctx.error)
+        self.record_op(ctx.vm_id, f"[{ctx.action}] {extra}".rstrip(), "lifecycle", ctx.error)
 
-    def _op(self, vm_id: str, what: str, shell: str, error: Exception | None) -> None:
+    def record_op(
+        self,
+        vm_id: str,
+        what: str,
+        shell: str,
+        error: BaseException | None,
+        *,
+        started_at: float | None = None,
+        channel: str | None = None,
+    ) -> None:
+        """Record one operation that is not a command (``shell`` names its kind): ``ok``,
+        ``blocked`` (a ``CommandBlockedError``) or ``error``; ``started_at`` (epoch s)
+        gives it a duration."""
         now = time.time()
         status = "ok" if error is None else "blocked" if isinstance(error, CommandBlockedError) else "error"
         row = {
             "vm_id": vm_id,
             "command": what[:4000],
             "shell": shell,
-            "started_at": now,
+            "started_at": now if started_at is None else started_at,
             "ended_at": now,
-            "duration": 0.0,
+            "duration": 0.0 if started_at is None else now - started_at,
             "status": status,
-            "error": None if error is None else str(error)[:1000],
+            "error": None if error is None else f"{type(error).__name__}: {error}"[:1000],
+            "channel": channel,
         }
         if isinstance(error, CommandBlockedError):
             row["blocked_by"] = str(error.details.get("guard") or "SafetyGuard")

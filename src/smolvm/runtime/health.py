@@ -32,22 +32,30 @@ class Machines(Protocol):
     def serial_tail(self, vm_id: str, n: int = 4000) -> str: ...
 
 
-def checked(rt: Machines, rec: VMRecord) -> VMRecord | None:
+def checked(
+    rt: Machines, rec: VMRecord, tokens: dict[str, str] | None = None, why: str = "VM process is gone"
+) -> VMRecord | None:
     """``rec``, or — if it says running/paused but its VMM is gone — the row after marking
-    the VM ERROR (its sockets and helpers removed); None if it was deleted meanwhile."""
+    the VM ERROR (its sockets and helpers removed); None if it was deleted meanwhile.
+    ``tokens``: vm_id -> process token of many VMs, read in one query (:func:`process_tokens`)."""
     if rec.status not in LIVE:
         return rec
-    token = resources.process_token(rt.state, rec.vm_id)
+    token = tokens.get(rec.vm_id) if tokens is not None else resources.process_token(rt.state, rec.vm_id)
     if procs.is_alive(rec.pid, token):
         return rec
     try:
         fresh = rt.state.get_vm(rec.vm_id)
         if fresh.status not in LIVE or fresh.pid != rec.pid:
             return fresh  # stopped or restarted meanwhile
-        _mark(rt, fresh, token, "VM process is gone")
+        _mark(rt, fresh, token, why)
         return rt.state.get_vm(rec.vm_id)
     except VMNotFoundError:
         return None  # another process deleted it (its VMM first) while we looked
+
+
+def process_tokens(state: StateStore) -> dict[str, str]:
+    """vm_id -> recorded VMM process token, for every VM (one query)."""
+    return {r["vm_id"]: r["value"] for r in state.resources(kind="process")}
 
 
 def _mark(rt: Machines, rec: VMRecord, token: str | None, why: str) -> None:
@@ -63,15 +71,12 @@ def _mark(rt: Machines, rec: VMRecord, token: str | None, why: str) -> None:
 
 def mark_dead(rt: Machines) -> list[str]:
     """Mark VMs whose VMM died as ERROR and clear their sockets; returns their ids."""
+    tokens = process_tokens(rt.state)
     stale = []
     for rec in rt.state.list_vms():
-        if rec.status not in LIVE:
-            continue
-        token = resources.process_token(rt.state, rec.vm_id)
-        if procs.is_alive(rec.pid, token):
-            continue
-        stale.append(rec.vm_id)
-        _mark(rt, rec, token, "VM process is gone (found by reconcile)")
+        now = checked(rt, rec, tokens, "VM process is gone (found by reconcile)")
+        if rec.status in LIVE and now is not None and now.status is VMState.ERROR:
+            stale.append(rec.vm_id)
     return stale
 
 

@@ -347,8 +347,7 @@ class Runtime:
         mem: MemorySpec | None = spec.memory
         if mem is not None and mem.unlink and mem.path is not None:
             self.state.remove_resource("file", str(mem.path))  # unlinked by launch()
-        token = procs.process_token(pid)
-        self.state.add_resource(vm_id, "process", token)
+        token = procs.process_token(pid)  # recorded by spec.on_spawn when it was spawned
         self.state.update_vm(vm_id, status=VMState.RUNNING, pid=pid, started_at=time.time())
         if spec.incoming is None:
             self._wait_ready(vm_id, spec, pid, token, boot_timeout)
@@ -474,7 +473,8 @@ class Runtime:
         return rec.info()
 
     def list_vms(self, status: VMState | None = None) -> list[VMInfo]:
-        recs = [health.checked(self, r) for r in self.state.list_vms()]
+        tokens = health.process_tokens(self.state)
+        recs = [health.checked(self, r, tokens) for r in self.state.list_vms()]
         return [r.info() for r in recs if r is not None and (status is None or r.status is VMState(status))]
 
     def crash_report(self, vm_id: str, grace: float = 1.5) -> str | None:
