@@ -140,7 +140,9 @@ def _result(s: ExecStream, req: ExecRequest, duration: float) -> CommandResult:
     out, err = b"".join(s.out), b"".join(s.err)
     if s.timed_out:
         raise OperationTimeoutError(
-            f"command timed out after {req.timeout:g} s and was killed: {req.command[:200]!r}",
+            # A hostile guest may claim a timeout for a command that had none.
+            f"command timed out after {req.timeout if req.timeout is None else f'{req.timeout:g} s'} "
+            f"and was killed: {req.command[:200]!r}",
             req.timeout,
             {"stdout": out.decode("utf-8", "replace"), "stderr": err.decode("utf-8", "replace")},
         )
