@@ -53,6 +53,31 @@ def test_vm_rows(tmp_path: Path):
     assert s.resources("a") == []
 
 
+def test_first_open_by_many_threads_at_once(tmp_path: Path):
+    """A new file opened by several threads at once (two AsyncSmolVM()s in one gather):
+    SQLite refuses the switch to WAL at once, without waiting, while another opener holds
+    the write lock, so openers take turns."""
+    import threading
+
+    for i in range(25):
+        db = tmp_path / f"s{i}" / "state.db"
+        errors: list[BaseException] = []
+
+        def open_and_use(db: Path = db, errors: list[BaseException] = errors) -> None:
+            try:
+                StateStore(db).list_vms()
+            except BaseException as exc:  # collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_and_use) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert stat.S_IMODE(os.stat(f"{db}.lock").st_mode) == 0o600
+
+
 def _reserve(db: str, vm: str, q) -> None:
     s = StateStore(db)
     got = [s.reserve_port(vm, "ssh", iter(range(40000, 40100))) for _ in range(10)]

@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 LABELS = {0: "benign", 1: "malicious"}
@@ -370,10 +371,12 @@ def make_dataset(seed: int = SEED) -> list[tuple[str, int]]:
 # ---------------------------------------------------------------------------- training
 
 
-def train(out_dir: Path, *, epochs: int = 10, seed: int = SEED, threads: int = 1) -> dict[str, float]:
+def train(
+    out_dir: Path, *, epochs: int = 10, max_epochs: int = 30, seed: int = SEED, threads: int = 1
+) -> dict[str, float]:
     """Train tokenizer + model and ``save_pretrained`` both into ``out_dir``."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
     t0 = time.perf_counter()
@@ -383,12 +386,19 @@ def train(out_dir: Path, *, epochs: int = 10, seed: int = SEED, threads: int = 1
     texts = [t for t, _ in data]
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(
-        texts, trainers.WordPieceTrainer(vocab_size=2000, min_frequency=1, special_tokens=special)
-    )
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # The vocabulary is built here, not by WordPieceTrainer: its ties come out in a
+    # different order on every run, so the "same" model differed between machines.
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in counts for c in w})
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    pieces = special + chars + [f"##{c}" for c in chars] + words[:1800]
+    tok = Tokenizer(models.WordPiece(vocab={p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -434,11 +444,25 @@ def train(out_dir: Path, *, epochs: int = 10, seed: int = SEED, threads: int = 1
 
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     n, batch = len(texts), 32
-    # batches of similar length: shuffle, then sort within chunks of 8 batches
+
+    def accuracy() -> float:
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, n, 64):
+                idx = list(range(i, min(n, i + 64)))
+                input_ids, mask = batch_tensors(idx)
+                pred = model(input_ids=input_ids, attention_mask=mask).logits.argmax(-1)
+                correct += int((pred == labels[idx]).sum())
+        model.train()
+        return correct / n
+
     model.train()
-    loss_val = 0.0
-    for _epoch in range(epochs):
-        perm = torch.randperm(n).tolist()
+    loss_val, train_acc = 0.0, 0.0
+    # Until it has learnt the training set (a seed or CPU whose rounding lands in a poor
+    # start needs a few more epochs), so every machine gets a usable model.
+    for epoch in range(max_epochs):
+        perm = torch.randperm(n).tolist()  # similar lengths per batch: sort within chunks of 8
         chunks = [sorted(perm[i : i + batch * 8], key=lambda k: len(ids[k])) for i in range(0, n, batch * 8)]
         batches = [c[i : i + batch] for c in chunks for i in range(0, len(c), batch)]
         for b in torch.randperm(len(batches)).tolist():
@@ -448,21 +472,18 @@ def train(out_dir: Path, *, epochs: int = 10, seed: int = SEED, threads: int = 1
             out.loss.backward()
             opt.step()
             loss_val = float(out.loss.detach())
+        if epoch + 1 >= epochs:
+            train_acc = accuracy()
+            if train_acc >= 0.99:
+                break
     model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, n, 64):
-            idx = list(range(i, min(n, i + 64)))
-            input_ids, mask = batch_tensors(idx)
-            pred = model(input_ids=input_ids, attention_mask=mask).logits.argmax(-1)
-            correct += int((pred == labels[idx]).sum())
-    train_acc = correct / n
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     stats = {
         "examples": float(n),
         "train_accuracy": train_acc,
+        "epochs": float(epoch + 1),
         "final_loss": loss_val,
         "seconds": time.perf_counter() - t0,
     }

@@ -6,6 +6,7 @@ processes cannot take the same port or VM id. The file is created 0600.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -39,7 +40,10 @@ class StateStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._migrate()
+        # Switching a new file to WAL needs an exclusive lock that SQLite refuses at once
+        # (no busy wait) while another opener migrates: openers take turns on a lock file.
+        with _opening(self.path):
+            self._migrate()
 
     # ------------------------------------------------------------ connections
     def connect(self) -> sqlite3.Connection:
@@ -379,10 +383,31 @@ def state_error(path: Path, exc: sqlite3.Error) -> StateError:
     if full or "full" in msg:
         hint = f"the filesystem of {path.parent} is full: free space there"
     elif "locked" in msg or "busy" in msg:
-        hint = "another process held the database for 30 s: retry, or find it with `fuser`"
+        hint = "another process holds its write lock (SQLite waits 30 s): retry, or find it with `fuser`"
     else:
         hint = f"the file may be damaged: `smolvm doctor` checks it (SMOLVM_DATA_DIR={path.parent})"
     return StateError(f"state database {path}: {msg}; {hint}")
+
+
+@contextmanager
+def _opening(path: Path, timeout: float = 30.0) -> Iterator[None]:
+    fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StateError(
+                        f"state database {path}: another process has been opening it for "
+                        f"{timeout:.0f} s; find it with `fuser {path}.lock`"
+                    ) from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _typed(fn: Callable[..., Any]) -> Callable[..., Any]:
