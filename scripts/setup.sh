@@ -10,10 +10,11 @@ cd "$(dirname "$0")/.."
 # zstd (compressed snapshots), ca-certificates, clang-format (style of the guest agent's C),
 # slirp4netns + dnsmasq-base + sniproxy (the sealed user-mode network: each VM's namespace
 # uplink, resolver and Host/SNI-checking proxy), socat (TAP-mode port forwards),
-# daemontools (multilog: each VM's serial console as capped, rotated files).
+# daemontools (multilog: each VM's serial console as capped, rotated files), tmux (the
+# tests drive `smolvm shell` through a real terminal).
 PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs debootstrap kmod musl-tools busybox-static
           nftables iproute2 openssh-client zstd ca-certificates python3-venv clang-format
-          slirp4netns dnsmasq-base sniproxy socat daemontools)
+          slirp4netns dnsmasq-base sniproxy socat daemontools tmux)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

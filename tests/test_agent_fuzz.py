@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smolvm.exceptions import SmolVMError
+from smolvm.exceptions import SmolVMError, TransportError
 from smolvm.transports.agent import AgentTransport
 from smolvm.transports.agent_proto import (
     HDR,
@@ -31,8 +31,11 @@ from smolvm.transports.agent_proto import (
     OP_STARTED,
     OP_STDERR,
     OP_STDOUT,
+    OP_WATCH,
+    OP_WATCH_EVENT,
     PROTO_VERSION,
     SYNC_MAGIC,
+    WATCH_QUEUE,
 )
 from smolvm.transports.base import ExecRequest
 from smolvm.types import CommandResult
@@ -73,9 +76,15 @@ class MaliciousAgent:
     """One connection: a correct handshake, then ``frames`` for the host's first command."""
 
     def __init__(
-        self, path: Path, frames: list[tuple[int | None, bytes]], hang: bool, wrong_sid: bool
+        self,
+        path: Path,
+        frames: list[tuple[int | None, bytes]],
+        hang: bool,
+        wrong_sid: bool,
+        first_op: int = OP_EXEC,
     ) -> None:
         self.path, self.frames, self.hang, self.wrong_sid = path, frames, hang, wrong_sid
+        self.first_op = first_op
         self.srv = socket.socket(socket.AF_UNIX)
         self.srv.bind(str(path))
         self.srv.listen(1)
@@ -110,7 +119,7 @@ class MaliciousAgent:
                 _sid, hello, buf = self._read_frame(conn, bytearray(), OP_HELLO)
                 reply = struct.pack("<I", PROTO_VERSION) + hello[4:12]
                 conn.sendall(SYNC_MAGIC + HDR.pack(b"SV", OP_HELLO, 0, 0, len(reply)) + reply)
-                sid, _exec, buf = self._read_frame(conn, buf, OP_EXEC)
+                sid, _exec, buf = self._read_frame(conn, buf, self.first_op)
                 target = sid + 1 if self.wrong_sid else sid
                 for op, data in self.frames:
                     if op is not None:  # patch the stream id into the header
@@ -185,3 +194,53 @@ def test_malicious_agent_never_hangs_a_call_or_blows_up_memory(short_dir, frames
     assert took < TIMEOUT + 2.0, f"call took {took:.2f} s"
     assert took_next < 1 + 2.0, f"the next call took {took_next:.2f} s"  # its timeouts are 1 s
     assert peak < 4 * MAX_IN_PAYLOAD, f"host buffered {peak} bytes"
+
+
+def _event(code: int, path: bytes, sid: int = 0) -> tuple[int, bytes]:
+    payload = struct.pack("<I", code) + path
+    return OP_WATCH_EVENT, HDR.pack(b"SV", OP_WATCH_EVENT, 0, sid, len(payload)) + payload
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        _event(99, b"/x"),  # no such event
+        _event(1, b"/" + b"a" * 5000),  # longer than PATH_MAX
+        (OP_WATCH_EVENT, HDR.pack(b"SV", OP_WATCH_EVENT, 0, 0, 2) + b"\x01\x00"),  # short
+    ],
+    ids=["unknown-event", "long-path", "short"],
+)
+def test_malicious_watch_events_end_the_watch_with_a_typed_error(short_dir, bad) -> None:
+    ok = (OP_OK, HDR.pack(b"SV", OP_OK, 0, 0, 0))
+    frames = [ok, _event(1, b"/w/a"), bad]
+    peer = MaliciousAgent(short_dir / f"w{next(_seq)}.sock", frames, True, False, first_op=OP_WATCH)
+    t = AgentTransport(peer.path, connect_timeout=1, op_timeout=1)
+    try:
+        w = t.watch("/w")
+        assert w.get(2) == ("create", "/w/a")
+        with pytest.raises(TransportError, match="malformed"):
+            w.get(2)
+        assert w.stopped
+    finally:
+        t.close()
+        peer.close()
+
+
+def test_an_event_flood_is_capped_on_the_host(short_dir) -> None:
+    ok = (OP_OK, HDR.pack(b"SV", OP_OK, 0, 0, 0))
+    # raw bytes are sent as they are: stream 1, the transport's first
+    flood = b"".join(_event(2, b"/w/" + b"f" * 4000, sid=1)[1] for _ in range(WATCH_QUEUE + 500))
+    peer = MaliciousAgent(
+        short_dir / f"w{next(_seq)}.sock", [ok, (None, flood)], True, False, first_op=OP_WATCH
+    )
+    t = AgentTransport(peer.path, connect_timeout=1, op_timeout=1)
+    try:
+        w = t.watch("/w")
+        end = time.monotonic() + 30
+        while w.queued < WATCH_QUEUE and time.monotonic() < end:
+            time.sleep(0.05)
+        events = w.pending()
+        assert len(events) == WATCH_QUEUE and events[-1] == ("overflow", "")
+    finally:
+        t.close()
+        peer.close()

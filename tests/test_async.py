@@ -36,6 +36,13 @@ def test_async_run_stream_spawn_files_and_callbacks(data_dir, default_image) -> 
             done = await h.wait(timeout=30)
             await vm.files.write("/root/async.txt", "via asyncio")
             text = await vm.files.read_text("/root/async.txt")
+            async with await vm.files.watch("/root") as w:
+                await vm.run("touch /root/watched")
+                first = await w.get(5)
+            term = await vm.pty("read line; echo got-$line", cols=50, rows=5)
+            await term.write("xyz\n")
+            typed = await term.read_until("got-xyz", timeout=30)
+            term_exit = (await term.wait(30)).exit_code
             snap = await vm.snapshot()
             return {
                 "a": a.output,
@@ -44,6 +51,9 @@ def test_async_run_stream_spawn_files_and_callbacks(data_dir, default_image) -> 
                 "running": running,
                 "done": done.output,
                 "text": text,
+                "first": first,
+                "typed": typed,
+                "term_exit": term_exit,
                 "snap": snap.snapshot_id,
                 "vm_id": vm.vm_id,
             }
@@ -55,6 +65,8 @@ def test_async_run_stream_spawn_files_and_callbacks(data_dir, default_image) -> 
     assert out["events"][-1].result.exit_code == 0
     assert any(e.kind == "stderr" and e.data == b"e\n" for e in out["events"])
     assert out["running"] and out["done"] == "spawned" and out["text"] == "via asyncio"
+    assert (out["first"].type, out["first"].path) == ("create", "/root/watched")
+    assert out["typed"].endswith(b"got-xyz") and out["term_exit"] == 0
     assert "sleep 0.3; echo a" in seen.pre and "echo b" in seen.post  # callbacks fired
     from smolvm import SmolVMManager
 

@@ -104,5 +104,11 @@ def test_async_agent(tmp_path, default_image):
 def test_files_api_example(tmp_path, default_image):
     p = run_example("files_api.py", tmp_path)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.splitlines() == ["notes.txt file 6 0o644", "hello", "exists after remove: False"]
+    assert p.stdout.splitlines() == [
+        "notes.txt file 6 0o644",
+        "hello",
+        "exists after remove: False",
+        "changes seen: True True",
+        "terminal says 42",
+    ]
     assert no_vms_left(tmp_path)

@@ -31,6 +31,8 @@ LAYERS: list[set[str]] = [
         "files",
         "aio",
         "endpoints",
+        "guestenv",
+        "terminal",
     },  # package, SmolVM facade, SmolVMManager
     {"pools"},
     {"snapshots"},

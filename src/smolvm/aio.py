@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from smolvm.files import FileInfo, Files
+from smolvm.files import FileInfo, Files, FilesystemEvent, WatchHandle
 from smolvm.smolvm import SmolVM
+from smolvm.terminal import PtyHandle
 from smolvm.transports.base import ProcessHandle
 from smolvm.types import CommandResult
 
@@ -43,6 +44,61 @@ class AsyncProcessHandle:
 
     async def kill(self, signal: int = 9) -> None:
         await asyncio.to_thread(self.sync.kill, signal)
+
+    def is_running(self) -> bool:
+        return self.sync.is_running()
+
+
+class AsyncWatch:
+    """``async for event in await vm.files.watch(path)``: a watch for asyncio; ``stop()``
+    (or leaving ``async with``) ends it."""
+
+    def __init__(self, handle: WatchHandle) -> None:
+        self.sync = handle
+
+    async def get(self, timeout: float | None = None) -> FilesystemEvent | None:
+        return await asyncio.to_thread(self.sync.get, timeout)
+
+    def __aiter__(self) -> AsyncIterator[FilesystemEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[FilesystemEvent]:
+        while (ev := await asyncio.to_thread(self.sync.get)) is not None:
+            yield ev
+
+    def stop(self) -> None:
+        self.sync.stop()
+
+    async def __aenter__(self) -> AsyncWatch:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class AsyncPty:
+    """A terminal for asyncio (see :class:`smolvm.terminal.PtyHandle`)."""
+
+    def __init__(self, handle: PtyHandle) -> None:
+        self.sync = handle
+
+    async def read(self, timeout: float | None = None) -> bytes:
+        return await asyncio.to_thread(self.sync.read, timeout)
+
+    async def read_until(self, marker: bytes | str, timeout: float = 10.0) -> bytes:
+        return await asyncio.to_thread(self.sync.read_until, marker, timeout)
+
+    async def write(self, data: bytes | str) -> None:
+        await asyncio.to_thread(self.sync.write, data)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await asyncio.to_thread(self.sync.resize, cols, rows)
+
+    async def wait(self, timeout: float | None = None) -> CommandResult:
+        return await asyncio.to_thread(self.sync.wait, timeout)
+
+    async def kill(self) -> None:
+        await asyncio.to_thread(self.sync.kill)
 
     def is_running(self) -> bool:
         return self.sync.is_running()
@@ -77,6 +133,9 @@ class AsyncFiles:
 
     async def rename(self, src: str, dst: str) -> None:
         await asyncio.to_thread(self.sync.rename, src, dst)
+
+    async def watch(self, path: str, *, recursive: bool = False) -> AsyncWatch:
+        return AsyncWatch(await asyncio.to_thread(self.sync.watch, path, recursive=recursive))
 
 
 class AsyncSmolVM:
@@ -132,6 +191,10 @@ class AsyncSmolVM:
     @property
     def files(self) -> AsyncFiles:
         return AsyncFiles(self.sync.files)
+
+    async def pty(self, command: str | None = None, cols: int = 80, rows: int = 24, **kw: Any) -> AsyncPty:
+        """An interactive terminal (see :meth:`SmolVM.pty`)."""
+        return AsyncPty(await asyncio.to_thread(self.sync.pty, command, cols, rows, **kw))
 
     async def __aenter__(self) -> AsyncSmolVM:
         if self._vm is None:

@@ -38,9 +38,9 @@ class RunContext:
 
 @dataclass
 class FileContext:
-    """A file transfer: ``direction`` "upload" (host -> guest) or "download"; ``mode`` the
-    permission bits asked for (uploads), ``size`` in bytes (uploads: before; downloads:
-    after, in post hooks)."""
+    """A file operation: ``direction`` "upload" (host -> guest), "download" or "watch";
+    ``mode`` the permission bits asked for (uploads), ``size`` in bytes (uploads: before;
+    downloads: after, in post hooks)."""
 
     vm_id: str
     direction: str

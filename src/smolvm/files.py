@@ -7,13 +7,16 @@ the host); metadata operations are single commands run with ``shell="raw"`` and 
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from smolvm.exceptions import GuestFileNotFoundError, SmolVMError, ValidationError
+from smolvm.transports.base import WatchHandle as ChannelWatch
 from smolvm.types import CommandResult
 
 
@@ -47,6 +50,57 @@ class FileInfo:
     mtime: int
 
 
+@dataclass(frozen=True)
+class FilesystemEvent:
+    """A change under a watched directory. ``type``: "create" (also moved in), "write",
+    "remove", "rename" (moved away or renamed; the new name comes as "create"), "chmod"
+    (metadata), or "overflow" (events were lost: re-list the directory; ``path`` is "")."""
+
+    type: str
+    path: str
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+
+#: Starts a watch on the VM's channel: (path, recursive, on_event) -> handle.
+Watcher = Callable[[str, bool, "Callable[[str, str], object] | None"], ChannelWatch]
+
+
+class WatchHandle:
+    """Changes under a guest directory, from :meth:`Files.watch`. Iterate over it (blocks
+    until the next event; ends after :meth:`stop`), or poll with :meth:`get` /
+    :meth:`get_new_events`. A ``with`` block stops it."""
+
+    def __init__(self, channel: ChannelWatch, path: str) -> None:
+        self._ch, self.path = channel, path
+
+    def get(self, timeout: float | None = None) -> FilesystemEvent | None:
+        """The next event, waiting up to ``timeout`` seconds (None: until one comes);
+        None on timeout or once stopped."""
+        ev = self._ch.get(timeout)
+        return None if ev is None else FilesystemEvent(*ev)
+
+    def get_new_events(self) -> list[FilesystemEvent]:
+        """Events received since the last call, without waiting."""
+        return [FilesystemEvent(*ev) for ev in self._ch.pending()]
+
+    def __iter__(self) -> Iterator[FilesystemEvent]:
+        while (ev := self.get()) is not None:
+            yield ev
+
+    def stop(self) -> None:
+        """Stop watching (idempotent)."""
+        self._ch.stop()
+
+    def __enter__(self) -> WatchHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def _abs(path: str) -> str:
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
         raise ValidationError(f"guest path must be absolute (start with /), got {path!r}", field="path")
@@ -56,8 +110,9 @@ def _abs(path: str) -> str:
 class Files:
     """File operations on one sandbox's guest (``vm.files``)."""
 
-    def __init__(self, vm: Sandbox) -> None:
+    def __init__(self, vm: Sandbox, watcher: Watcher | None = None) -> None:
         self._vm = vm
+        self._watcher = watcher
 
     def _sh(self, script: str, timeout: float = 60) -> str:
         r = self._vm.run(script, timeout=timeout, shell="raw")
@@ -120,3 +175,20 @@ class Files:
     def rename(self, src: str, dst: str) -> None:
         """Move ``src`` to ``dst`` (replacing a file there)."""
         self._sh(f"mv -f -- {shlex.quote(_abs(src))} {shlex.quote(_abs(dst))}")
+
+    def watch(
+        self,
+        path: str,
+        *,
+        recursive: bool = False,
+        on_event: Callable[[FilesystemEvent], object] | None = None,
+    ) -> WatchHandle:
+        """Watch directory ``path`` (inotify in the guest agent). Returns once watching:
+        every later change is reported, in order, typically within milliseconds.
+        ``recursive`` follows subdirectories, including ones created later (up to 4096).
+        ``on_event`` is called on the channel's reader thread for each event (keep it
+        quick); events also queue on the handle (up to 10,000 unread, then "overflow")."""
+        if self._watcher is None:
+            raise SmolVMError("this Files object has no channel to watch with")
+        cb = None if on_event is None else (lambda kind, p: on_event(FilesystemEvent(kind, p)))
+        return WatchHandle(self._watcher(_abs(path), recursive, cb), path)

@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 from smolvm import pools, snapshots
 from smolvm.callbacks import (
     Callback,
-    EnvContext,
     FileContext,
     RunContext,
     around,
@@ -34,23 +33,25 @@ from smolvm.exceptions import (
     ValidationError,
 )
 from smolvm.files import Files
+from smolvm.guestenv import GuestEnv
 from smolvm.idle import IdleTimer, check_args
 from smolvm.options import (
     DEFAULT_MAX_DOWNLOAD,
     DEFAULT_MAX_OUTPUT_BYTES,
-    checked_env,
     exec_request,
     sandbox_config,
 )
 from smolvm.runtime import BOOT_TIMEOUT, STOP_TIMEOUT, lifetime
-from smolvm.runtime.identity import read_guest_env, write_guest_env
 from smolvm.sandboxes import cold_boot_instead, create_sandbox
 from smolvm.snapshots import SnapshotInfo
+from smolvm.terminal import PtyHandle
 from smolvm.transports.base import (
     ExecRequest,
     OutputCallback,
     ProcessHandle,
     Transport,
+    WatchHandle,
+    check_size,
 )
 from smolvm.types import (
     CommandResult,
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class SmolVM(Endpoints):
+class SmolVM(Endpoints, GuestEnv):
     """A sandbox: one microVM plus the channel used to run commands in it.
 
     ``SmolVM()`` uses the default image; ``SmolVM(config)`` a custom one. The VM is created
@@ -476,6 +477,27 @@ class SmolVM(Endpoints):
         h = self._crash_checked(lambda: self._channel().spawn(req, on_stdout=on_stdout, on_stderr=on_stderr))
         return self._idle.track(h) if self._idle else h
 
+    def pty(
+        self,
+        command: str | None = None,
+        cols: int = 80,
+        rows: int = 24,
+        *,
+        on_data: Callable[[bytes], None] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> PtyHandle:
+        """An interactive terminal (``cols`` x ``rows`` characters) running ``command``, or
+        a login shell when None; agent channel only. Pre-run callbacks see it (shell "pty")
+        and can veto it; what is typed into it later is not a command they see."""
+        req = self._request(command or "sh", timeout, "login", env, cwd, None, capture=False)
+        req.command, req.pty = command or "", check_size(cols, rows)
+        run_pre_hooks(self._callbacks, RunContext(self.vm_id, req.command, "pty", 0, env=env, cwd=cwd))
+        start = lambda cb: self._crash_checked(lambda: self._channel().spawn(req, on_stdout=cb))  # noqa: E731
+        h = PtyHandle(start, on_data)
+        return self._idle.track(h) if self._idle else h
+
     def _crash_checked(self, call: Callable[[], T]) -> T:
         """``call()`` (a use of the sandbox: woken first if idle), turning a channel failure
         caused by a dead guest into GuestCrashedError."""
@@ -517,36 +539,24 @@ class SmolVM(Endpoints):
         """``run`` for asyncio code: the same core, on a worker thread."""
         return await asyncio.to_thread(self.run, command, timeout, shell, **kw)
 
-    def list_env_vars(self) -> dict[str, str]:
-        """Variables in the guest's /etc/profile.d/smolvm_env.sh."""
-        return self._crash_checked(lambda: read_guest_env(self._channel()))
-
-    def set_env_vars(self, env_vars: dict[str, str], *, merge: bool = True) -> dict[str, str]:
-        """Persist variables for login-shell commands (survive stop/start); returns all vars."""
-        current = self.list_env_vars() if merge else {}
-        new = checked_env(env_vars)
-        current.update(new)
-        around(self._callbacks, "env", EnvContext(self.vm_id, set=new), lambda: self._write_env(current))
-        return current
-
-    def unset_env_vars(self, keys: list[str]) -> dict[str, str]:
-        current = self.list_env_vars()
-        for k in keys:
-            current.pop(k, None)
-        around(
-            self._callbacks, "env", EnvContext(self.vm_id, unset=list(keys)), lambda: self._write_env(current)
-        )
-        return current
-
-    def _write_env(self, env: dict[str, str]) -> None:
-        self._crash_checked(lambda: write_guest_env(self._channel(), env))
-        self._manager.set_config_env(self.vm_id, env)
-
     # ------------------------------------------------------------------ files
     @functools.cached_property
     def files(self) -> Files:
         """The guest's filesystem: read, write, list, exists, remove, make_dir, rename."""
-        return Files(self)
+        return Files(self, self._watch_dir)
+
+    def _watch_dir(
+        self, path: str, recursive: bool, on_event: Callable[[str, str], object] | None
+    ) -> WatchHandle:
+        ctx = FileContext(self.vm_id, "watch", path, "")
+        return around(
+            self._callbacks,
+            "file",
+            ctx,
+            lambda: self._crash_checked(
+                lambda: self._channel().watch(path, recursive=recursive, on_event=on_event)
+            ),
+        )
 
     def upload_file(self, local_path: str | Path, guest_path: str, mode: int | None = None) -> None:
         """Copy a host file into the guest (streamed; keeps its permissions unless ``mode``)."""

@@ -24,6 +24,7 @@ from smolvm.cli import (
     mcp_server,
     ports,
     setup,
+    shell,
     snapshots,
     vms,
 )
@@ -156,6 +157,7 @@ app.command("prune", rich_help_panel=LIFECYCLE)(vms.prune)
 
 app.command("run", rich_help_panel=COMMANDS)(execution.run)
 app.command("ssh", rich_help_panel=COMMANDS)(vms.ssh)
+app.command("shell", rich_help_panel=COMMANDS)(shell.shell)
 app.command("cp", rich_help_panel=COMMANDS)(execution.cp)
 app.add_typer(execution.env_app, name="env", rich_help_panel=COMMANDS)
 app.add_typer(ports.port_app, name="port", rich_help_panel=COMMANDS)

@@ -24,6 +24,7 @@ AGENT_SOURCES: list[Path] = [
     GUEST_DIR / "agent_proc.c",
     GUEST_DIR / "agent_file.c",
     GUEST_DIR / "agent_cg.c",
+    GUEST_DIR / "agent_watch.c",
 ]
 
 # Warnings are errors: the agent is the one component every guest runs (CI builds it this way).

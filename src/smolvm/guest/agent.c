@@ -346,8 +346,8 @@ static void chan_gone(struct chan *ch)
         chan_close(ch);
 }
 
-enum { T_SIG, T_LISTEN, T_CHAN, T_POUT, T_PERR, T_PIN, T_FILE };
-#define MAXPFD (4 + MAX_CHANS + 3 * MAX_PROCS + MAX_FILES)
+enum { T_SIG, T_LISTEN, T_CHAN, T_POUT, T_PERR, T_PIN, T_FILE, T_WATCH };
+#define MAXPFD (4 + MAX_CHANS + 3 * MAX_PROCS + MAX_FILES + MAX_WATCHES)
 
 static void serve(void)
 {
@@ -384,6 +384,8 @@ static void serve(void)
             struct file *f = &g_files[i];
             if (f->in_use && !f->writing && out_free(f->ch) >= big) ADD(f->fd, POLLIN, T_FILE, i);
         }
+        for (int i = 0; i < MAX_WATCHES; i++)
+            if (watch_fd(i) >= 0) ADD(watch_fd(i), POLLIN, T_WATCH, i);
         int64_t now = now_ms(), dl = proc_next_deadline();
         int timeout = dl ? (dl > now ? (int)(dl - now) : 0) : -1;
 #define CAP_TIMEOUT(ms) (timeout = (timeout < 0 || timeout > (ms)) ? (ms) : timeout)
@@ -438,6 +440,9 @@ static void serve(void)
                 if (f->in_use && !f->writing && f->fd == pfd[k].fd) file_read_pump(f);
                 break;
             }
+            case T_WATCH:
+                if (watch_fd(i) == pfd[k].fd) watch_pump(i);
+                break;
             }
         }
         now = now_ms();

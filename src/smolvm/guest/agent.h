@@ -32,9 +32,11 @@
 #define STDIN_CAP       (64u * 1024 * 1024) /* stdin bytes buffered per process */
 #define POST_EXIT_DRAIN (1024 * 1024)       /* output read after the main process exited */
 
-#define MAX_CHANS 16
-#define MAX_PROCS 128
-#define MAX_FILES 64
+#define MAX_CHANS      16
+#define MAX_PROCS      128
+#define MAX_FILES      64
+#define MAX_WATCHES    16
+#define WATCH_MAX_DIRS 4096 /* directories one recursive watch follows */
 
 /* ops: host -> agent */
 enum {
@@ -42,12 +44,14 @@ enum {
     OP_PING = 0x02,         /* any bytes                            -> PING (echo) */
     OP_EXEC = 0x10,         /* see proc_exec()                      -> STARTED|ERROR ... EXIT */
     OP_STDIN = 0x11,        /* data; FLAG_EOF closes stdin */
-    OP_KILL = 0x12,         /* u32 signal (process) / cancel (file stream) */
+    OP_KILL = 0x12,         /* u32 signal (process) / cancel (file stream, watch) */
+    OP_RESIZE = 0x13,       /* u16 cols, u16 rows: a PTY command's window size */
     OP_WRITE_FILE = 0x20,   /* u32 mode, u32 wflags, path -> then FILE_DATA*, FILE_END -> OK */
     OP_FILE_DATA = 0x21,    /* both directions */
     OP_FILE_END = 0x22,     /* both directions */
     OP_READ_FILE = 0x23,    /* path -> FILE_INFO, FILE_DATA*, FILE_END | ERROR */
     OP_FILE_INFO = 0x24,    /* agent -> host: u32 mode, u64 size */
+    OP_WATCH = 0x25,        /* u32 wflags, dir path -> OK, then WATCH_EVENT* | ERROR */
     OP_SET_TIME = 0x30,     /* i64 unix ns -> OK(i64 applied offset ns) */
     OP_ADD_ENTROPY = 0x31,  /* bytes (<= 4096) -> OK */
     OP_SET_HOSTNAME = 0x32, /* name -> OK */
@@ -56,7 +60,8 @@ enum {
     OP_STARTED = 0x40, /* u32 pid */
     OP_STDOUT = 0x41,
     OP_STDERR = 0x42,
-    OP_EXIT = 0x43, /* i32 code, u32 xflags, u32 signal */
+    OP_EXIT = 0x43,        /* i32 code, u32 xflags, u32 signal */
+    OP_WATCH_EVENT = 0x44, /* u32 event (EV_*), path (full path, no NUL) */
     OP_OK = 0x7E,
     OP_ERROR = 0x7F, /* u32 errno, utf-8 message */
 };
@@ -67,10 +72,13 @@ enum {
 #define EXEC_DETACH      0x04 /* survives the end of its host session (not killed then) */
 #define EXEC_LIMITS      0x08 /* after env: u32 pids_max, u32 memory_mib, u32 cpu_weight */
 #define EXEC_HOST        0x10 /* SmolVM's own work (identity push): no session cgroup */
-#define WF_FSYNC         0x01
-#define WF_MKDIRS        0x02
-#define XF_TIMED_OUT     0x01
-#define XF_SIGNALED      0x02
+#define EXEC_PTY         0x20 /* after limits: u16 cols, u16 rows; stdio is a new pty */
+#define WATCH_RECURSIVE  0x01
+enum { EV_CREATE = 1, EV_WRITE, EV_REMOVE, EV_RENAME, EV_CHMOD, EV_OVERFLOW };
+#define WF_FSYNC     0x01
+#define WF_MKDIRS    0x02
+#define XF_TIMED_OUT 0x01
+#define XF_SIGNALED  0x02
 
 enum { CH_SOCK = 1, CH_PERSIST = 2 };
 
@@ -102,6 +110,7 @@ struct proc {
     size_t drained; /* bytes read after exit */
     unsigned cg;    /* cgroup session group (0: uncontained) */
     int detached;   /* EXEC_DETACH: not killed when its session ends */
+    int pty;        /* out_fd is a pty master (in_fd a dup of it) */
 };
 
 struct file {
@@ -154,6 +163,7 @@ void out_commit(struct chan *ch, int op, int flags, uint32_t sid, size_t n);
 void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n);
 void proc_stdin(struct chan *ch, uint32_t sid, int flags, const unsigned char *p, size_t n);
 int proc_kill(struct chan *ch, uint32_t sid, int sig);
+void proc_resize(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n);
 void proc_abandon(struct chan *ch);
 void proc_reap(void);
 void proc_read(struct proc *pr, int fd);
@@ -173,5 +183,12 @@ void file_abandon(struct chan *ch);
 void op_set_time(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n);
 void op_add_entropy(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n);
 void op_set_hostname(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n);
+
+/* agent_watch.c */
+void watch_open(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n);
+int watch_cancel(struct chan *ch, uint32_t sid);
+void watch_abandon(struct chan *ch);
+int watch_fd(int i); /* -1: unused, or no room to send its events */
+void watch_pump(int i);
 
 #endif

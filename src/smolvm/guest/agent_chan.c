@@ -43,6 +43,7 @@ static void session_reset(struct chan *ch)
 {
     proc_abandon(ch);
     file_abandon(ch);
+    watch_abandon(ch);
     ch->out_head = ch->out_len = 0;
 }
 
@@ -162,6 +163,8 @@ static int host_op(int op)
     case OP_EXEC:
     case OP_STDIN:
     case OP_KILL:
+    case OP_RESIZE:
+    case OP_WATCH:
     case OP_WRITE_FILE:
     case OP_FILE_DATA:
     case OP_FILE_END:
@@ -213,9 +216,15 @@ static void dispatch(struct chan *ch, int op, int flags, uint32_t sid, const uns
         break;
     case OP_KILL: {
         int sig = n >= 4 ? (int)get32(p) : SIGKILL;
-        if (!proc_kill(ch, sid, sig)) file_cancel(ch, sid);
+        if (!proc_kill(ch, sid, sig) && !file_cancel(ch, sid)) watch_cancel(ch, sid);
         break;
     }
+    case OP_RESIZE:
+        proc_resize(ch, sid, p, n);
+        break;
+    case OP_WATCH:
+        watch_open(ch, sid, p, n);
+        break;
     case OP_WRITE_FILE:
         file_write_open(ch, sid, p, n);
         break;

@@ -8,8 +8,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 struct proc g_procs[MAX_PROCS];
@@ -103,8 +105,24 @@ static void proc_free(struct proc *pr)
     pr->out_fd = pr->err_fd = pr->in_fd = -1;
 }
 
+/* A pty master for EXEC_PTY (window cols x rows); its slave's path goes to sname. */
+static int open_pty(unsigned cols, unsigned rows, char *sname, size_t len)
+{
+    int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (m < 0) return -1;
+    struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+    if (grantpt(m) || unlockpt(m) || ptsname_r(m, sname, len) || ioctl(m, TIOCSWINSZ, &ws)) {
+        int e = errno;
+        close(m);
+        errno = e;
+        return -1;
+    }
+    return m;
+}
+
 /* EXEC payload: u32 timeout_ms (0 = none), u32 flags, u16 argc, u16 envc, then
- * NUL-terminated strings: cwd ("" = $HOME or /), argv[argc], env[envc] ("KEY=value"). */
+ * NUL-terminated strings: cwd ("" = $HOME or /), argv[argc], env[envc] ("KEY=value"),
+ * then u32 pids_max, memory_mib, cpu_weight (EXEC_LIMITS), then u16 cols, rows (EXEC_PTY). */
 void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
 {
     static char exe[PATH_MAX];
@@ -125,6 +143,13 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
     if (xflags & EXEC_LIMITS) {
         if (end - q < 12) goto bad;
         lim_pids = get32(q), lim_mem = get32(q + 4), lim_cpu = get32(q + 8);
+        q += 12;
+    }
+    unsigned cols = 0, rows = 0;
+    if (xflags & EXEC_PTY) {
+        if (end - q < 4) goto bad;
+        cols = q[0] | (unsigned)q[1] << 8, rows = q[2] | (unsigned)q[3] << 8;
+        if (!cols || !rows) goto bad;
     }
     size_t ne = 0;
     if (!(xflags & EXEC_ENV_REPLACE)) {
@@ -157,9 +182,18 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
         emit_error(ch, sid, pr ? EEXIST : EAGAIN, pr ? "stream in use" : "too many processes");
         return;
     }
-    int po[2] = {-1, -1}, pe[2] = {-1, -1}, pi[2] = {-1, -1};
-    if (pipe2(po, O_CLOEXEC) || pipe2(pe, O_CLOEXEC) ||
-        ((xflags & EXEC_STDIN) && pipe2(pi, O_CLOEXEC))) {
+    int po[2] = {-1, -1}, pe[2] = {-1, -1}, pi[2] = {-1, -1}, pty = -1;
+    char sname[64];
+    if (xflags & EXEC_PTY) {
+        if ((pty = open_pty(cols, rows, sname, sizeof sname)) < 0 ||
+            (pi[1] = fcntl(pty, F_DUPFD_CLOEXEC, 3)) < 0) {
+            int e = errno;
+            close_fd(&pty);
+            emit_error(ch, sid, e, "pty");
+            return;
+        }
+    } else if (pipe2(po, O_CLOEXEC) || pipe2(pe, O_CLOEXEC) ||
+               ((xflags & EXEC_STDIN) && pipe2(pi, O_CLOEXEC))) {
         int e = errno;
         close_fd(&po[0]), close_fd(&po[1]), close_fd(&pe[0]), close_fd(&pe[1]);
         close_fd(&pi[0]), close_fd(&pi[1]);
@@ -170,12 +204,20 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
     posix_spawnattr_t at;
     sigset_t none, def;
     posix_spawn_file_actions_init(&fa);
-    if (pi[0] >= 0)
-        posix_spawn_file_actions_adddup2(&fa, pi[0], 0);
-    else
-        posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_adddup2(&fa, po[1], 1);
-    posix_spawn_file_actions_adddup2(&fa, pe[1], 2);
+    if (pty >= 0) {
+        /* After setsid (glibc and musl run it before file actions): opening the slave makes
+         * it the new session's controlling terminal, so job control and ^C work. */
+        posix_spawn_file_actions_addopen(&fa, 0, sname, O_RDWR, 0);
+        posix_spawn_file_actions_adddup2(&fa, 0, 1);
+        posix_spawn_file_actions_adddup2(&fa, 0, 2);
+    } else {
+        if (pi[0] >= 0)
+            posix_spawn_file_actions_adddup2(&fa, pi[0], 0);
+        else
+            posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+        posix_spawn_file_actions_adddup2(&fa, po[1], 1);
+        posix_spawn_file_actions_adddup2(&fa, pe[1], 2);
+    }
     posix_spawn_file_actions_addchdir_np(&fa, cwd);
     posix_spawnattr_init(&at);
     sigemptyset(&none);
@@ -199,6 +241,7 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&at);
     close_fd(&po[1]), close_fd(&pe[1]), close_fd(&pi[0]);
+    if (pty >= 0) po[0] = pty; /* output: the master; input: its dup in pi[1] */
     if (rc) {
         close_fd(&po[0]), close_fd(&pe[0]), close_fd(&pi[1]);
         cg_release(cg);
@@ -206,7 +249,7 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
         return;
     }
     fcntl(po[0], F_SETFL, O_NONBLOCK);
-    fcntl(pe[0], F_SETFL, O_NONBLOCK);
+    if (pe[0] >= 0) fcntl(pe[0], F_SETFL, O_NONBLOCK);
     if (pi[1] >= 0) fcntl(pi[1], F_SETFL, O_NONBLOCK);
     memset(pr, 0, sizeof *pr);
     pr->in_use = 1;
@@ -219,6 +262,7 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
     pr->deadline = timeout_ms ? now_ms() + timeout_ms : 0;
     pr->cg = cg;
     pr->detached = (xflags & EXEC_DETACH) != 0;
+    pr->pty = pty >= 0;
     unsigned char b[4];
     put32(b, (uint32_t)pid);
     emit(ch, OP_STARTED, 0, sid, b, 4);
@@ -285,6 +329,16 @@ int proc_kill(struct chan *ch, uint32_t sid, int sig)
     if (!pr->exited && kill(-pr->pid, sig) != 0) kill(pr->pid, sig);
     if (sig == SIGKILL) cg_kill(pr->cg); /* the whole session, escaped processes too */
     return 1;
+}
+
+/* RESIZE: u16 cols, u16 rows. The kernel sends SIGWINCH to the terminal's foreground. */
+void proc_resize(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
+{
+    struct proc *pr = proc_find(ch, sid);
+    if (!pr || !pr->pty || pr->out_fd < 0 || n < 4) return;
+    struct winsize ws = {.ws_col = (unsigned short)(p[0] | p[1] << 8),
+                         .ws_row = (unsigned short)(p[2] | p[3] << 8)};
+    if (ws.ws_col && ws.ws_row) ioctl(pr->out_fd, TIOCSWINSZ, &ws);
 }
 
 /* The host session is gone: kill its running commands; keep slots until reaped. */

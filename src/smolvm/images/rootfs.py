@@ -145,8 +145,9 @@ def tune_login_shell(root: Path) -> None:
     if rprof.exists():
         text = rprof.read_text().replace("mesg n 2> /dev/null || true", "[ -t 0 ] && mesg n 2> /dev/null")
         if (root / "bin/bash").exists() and "exec /bin/bash" not in text:
-            text += "\n# Interactive logins get bash; commands run in the fast static shell.\n"
-            text += '[ -t 0 ] && [ -z "${BASH-}" ] && exec /bin/bash -l\n'
+            text += "\n# Interactive logins get bash; commands (-c, even on a terminal) run in the\n"
+            text += "# fast static shell.\n"
+            text += 'case $- in *i*) [ -z "${BASH-}" ] && exec /bin/bash -l ;; esac\n'
         rprof.write_text(text)
     passwd = root / "etc/passwd"
     if passwd.exists():

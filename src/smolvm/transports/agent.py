@@ -38,11 +38,13 @@ from smolvm.exceptions import (
     ValidationError,
 )
 from smolvm.locks import try_lock
+from smolvm.transports.agent_handles import AgentProcessHandle, AgentWatchHandle, abandon, result
 from smolvm.transports.agent_proto import (
     CHUNK,
     EXEC_DETACH,
     EXEC_HOST,
     EXEC_LIMITS,
+    EXEC_PTY,
     EXEC_STDIN,
     FLAG_EOF,
     MAX_PAYLOAD,
@@ -50,14 +52,15 @@ from smolvm.transports.agent_proto import (
     OP_EXEC,
     OP_FILE_DATA,
     OP_FILE_END,
-    OP_KILL,
     OP_PING,
     OP_READ_FILE,
     OP_SET_HOSTNAME,
     OP_SET_TIME,
     OP_SHUTDOWN,
     OP_STDIN,
+    OP_WATCH,
     OP_WRITE_FILE,
+    WATCH_RECURSIVE,
     WF_FSYNC,
     WF_MKDIRS,
     AgentError,
@@ -66,6 +69,7 @@ from smolvm.transports.agent_proto import (
     GuestFileNotFoundError,
     ReadStream,
     Stream,
+    WatchStream,
     encode_fields,
     handshake,
 )
@@ -74,8 +78,8 @@ from smolvm.transports.base import (
     Counter,
     ExecRequest,
     OutputCallback,
-    ProcessHandle,
     Transport,
+    check_size,
     host_mode,
 )
 from smolvm.types import CommandResult
@@ -84,73 +88,9 @@ from smolvm.types import CommandResult
 _TIMEOUT_GRACE = 1.5
 
 
-class AgentProcessHandle(ProcessHandle):
-    """A command started with :meth:`AgentTransport.spawn`."""
-
-    def __init__(self, conn: Conn, sid: int, stream: ExecStream, req: ExecRequest, start: float) -> None:
-        self._conn, self._sid, self._s, self._req, self._start = conn, sid, stream, req, start
-        self.pid = stream.pid
-
-    def wait(self, timeout: float | None = None) -> CommandResult:
-        """Block until the command ends (``timeout`` seconds, None = forever).
-
-        Raises ``OperationTimeoutError`` if it is still running then (it keeps running), or
-        if the agent killed it because it exceeded the request's own timeout."""
-        if not self._s.done.wait(timeout):
-            raise OperationTimeoutError(f"process {self.pid} still running after {timeout:g} s", timeout)
-        return _result(self._s, self._req, self._s.activity - self._start)
-
-    def kill(self, signal: int = 9) -> None:
-        """Send ``signal`` to the command's process group in the guest."""
-        if not self._s.done.is_set():
-            try:
-                self._conn.send(OP_KILL, self._sid, struct.pack("<I", signal))
-            except TransportError:
-                pass  # connection gone: the agent already killed the command
-
-    def is_running(self) -> bool:
-        return not self._s.done.is_set()
-
-    @property
-    def stdout(self) -> bytes:
-        return b"".join(list(self._s.out))
-
-    @property
-    def stderr(self) -> bytes:
-        return b"".join(list(self._s.err))
-
-
-def _abandon(conn: Conn, sid: int) -> None:
-    """Stop caring about stream ``sid``: kill its process (or cancel its transfer)."""
-    conn.drop_stream(sid)
-    try:
-        conn.send(OP_KILL, sid, struct.pack("<I", 9))
-    except TransportError:
-        pass  # connection gone: the agent already ended the session's commands
-
-
 def _close_fd(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
-
-
-def _result(s: ExecStream, req: ExecRequest, duration: float) -> CommandResult:
-    if s.error is not None:
-        raise s.error
-    out, err = b"".join(s.out), b"".join(s.err)
-    if s.timed_out:
-        raise OperationTimeoutError(
-            # A hostile guest may claim a timeout for a command that had none.
-            f"command timed out after {req.timeout if req.timeout is None else f'{req.timeout:g} s'} "
-            f"and was killed: {req.command[:200]!r}",
-            req.timeout,
-            {"stdout": out.decode("utf-8", "replace"), "stderr": err.decode("utf-8", "replace")},
-        )
-    if s.late_error is not None:
-        raise s.late_error
-    if s.callback_error is not None:
-        raise s.callback_error
-    return CommandResult.from_bytes(s.exit_code, out, err, duration, s.truncated)
 
 
 class AgentTransport(Transport):
@@ -357,12 +297,16 @@ class AgentTransport(Transport):
         flags |= EXEC_DETACH if req.detach else 0
         flags |= EXEC_LIMITS if req.limits is not None else 0
         flags |= EXEC_HOST if req.host_work else 0
+        flags |= EXEC_PTY if req.pty else 0
         parts = [struct.pack("<IIHH", min(timeout_ms, 0xFFFFFFFF), flags, len(argv), len(env))]
         fields = [(req.cwd or "", "cwd"), *((a, "command") for a in argv), *((e, "env") for e in env)]
         parts += [encode_fields(text, what) + b"\0" for text, what in fields]
         if req.limits is not None:  # 0 = the guest's default
             lim = req.limits
             parts.append(struct.pack("<III", lim.pids or 0, lim.memory_mib or 0, lim.cpu_weight or 0))
+        if req.pty:
+            check_size(*req.pty)
+            parts.append(struct.pack("<HH", *req.pty))
         payload = b"".join(parts)
         if len(payload) > MAX_PAYLOAD or len(env) > 4096:
             raise ValidationError(
@@ -403,20 +347,20 @@ class AgentTransport(Transport):
                     break
                 finished = stream.done.wait(0.05 if left is None else min(0.05, left))
         except BaseException:  # e.g. KeyboardInterrupt: do not leave the command running
-            _abandon(conn, sid)
+            abandon(conn, sid)
             raise
         if not finished and stream.callback_error is not None:  # an output callback raised
-            _abandon(conn, sid)
+            abandon(conn, sid)
             raise stream.callback_error
         if not finished:
             # The agent should have killed it already; do it ourselves and give up.
-            _abandon(conn, sid)
+            abandon(conn, sid)
             raise OperationTimeoutError(
                 f"command timed out after {req.timeout:g} s (the guest agent did not report it): "
                 f"{req.command[:200]!r}",
                 req.timeout,
             )
-        return _result(stream, req, stream.activity - start)
+        return result(stream, req, stream.activity - start)
 
     def spawn(
         self,
@@ -438,6 +382,26 @@ class AgentTransport(Transport):
         if stream.error is not None and stream.pid is None:
             raise stream.error
         return AgentProcessHandle(conn, sid, stream, req, start)
+
+    def watch(
+        self, path: str, *, recursive: bool = False, on_event: Callable[[str, str], object] | None = None
+    ) -> AgentWatchHandle:
+        """Watch guest directory ``path`` (inotify in the agent); returns once watching, so
+        every change after this call is reported. ``on_event(kind, path)`` runs on the
+        reader thread (keep it quick)."""
+        payload = struct.pack("<I", WATCH_RECURSIVE if recursive else 0) + encode_fields(path, "path")
+        conn = self._get_conn()
+        stream = WatchStream(on_event)
+        sid = conn.open_stream(stream)
+        conn.send(OP_WATCH, sid, payload)
+        if not stream.started.wait(self.op_timeout):
+            abandon(conn, sid)
+            raise OperationTimeoutError(
+                f"watch {path}: no answer within {self.op_timeout:g} s", self.op_timeout
+            )
+        if not stream.ok:
+            raise stream.error or TransportError(f"watch {path}: the guest agent refused it")
+        return AgentWatchHandle(conn, sid, stream)
 
     # -- files ----------------------------------------------------------------------------
     def _write(
@@ -463,7 +427,7 @@ class AgentTransport(Transport):
             if stream.done.is_set():
                 conn.drop_stream(sid)
             else:
-                _abandon(conn, sid)  # the agent deletes the partial temporary file
+                abandon(conn, sid)  # the agent deletes the partial temporary file
             raise
 
     def _read(self, path: str, sink: Callable[[bytes], object]) -> int:
@@ -477,7 +441,7 @@ class AgentTransport(Transport):
             if stream.done.is_set():
                 conn.drop_stream(sid)
             else:
-                _abandon(conn, sid)
+                abandon(conn, sid)
             raise
         return stream.mode
 

@@ -5,6 +5,7 @@ The frame layout and ops are defined in ``src/smolvm/guest/agent.h``; keep both 
 
 from __future__ import annotations
 
+import collections
 import errno as errno_mod
 import logging
 import os
@@ -40,12 +41,18 @@ _PADDING = MAX_PAYLOAD + 64
 #: Seconds without a HELLO reply before the handshake is retried with padding.
 _RETRY_AFTER = 0.5
 
-(OP_HELLO, OP_PING, OP_EXEC, OP_STDIN, OP_KILL) = (0x01, 0x02, 0x10, 0x11, 0x12)
+(OP_HELLO, OP_PING, OP_EXEC, OP_STDIN, OP_KILL, OP_RESIZE) = (0x01, 0x02, 0x10, 0x11, 0x12, 0x13)
 (OP_WRITE_FILE, OP_FILE_DATA, OP_FILE_END, OP_READ_FILE, OP_FILE_INFO) = (0x20, 0x21, 0x22, 0x23, 0x24)
+OP_WATCH, OP_WATCH_EVENT = 0x25, 0x44
 (OP_SET_TIME, OP_ADD_ENTROPY, OP_SET_HOSTNAME, OP_SHUTDOWN) = (0x30, 0x31, 0x32, 0x33)
 (OP_STARTED, OP_STDOUT, OP_STDERR, OP_EXIT, OP_OK, OP_ERROR) = (0x40, 0x41, 0x42, 0x43, 0x7E, 0x7F)
 FLAG_EOF = 0x01
 EXEC_STDIN, EXEC_ENV_REPLACE, EXEC_DETACH, EXEC_LIMITS, EXEC_HOST = 0x01, 0x02, 0x04, 0x08, 0x10
+EXEC_PTY, WATCH_RECURSIVE = 0x20, 0x01
+#: WATCH_EVENT codes (agent.h EV_*) and the names the API reports.
+WATCH_EVENTS = {1: "create", 2: "write", 3: "remove", 4: "rename", 5: "chmod", 6: "overflow"}
+#: Events kept for a watch nobody reads; beyond, they are dropped and one "overflow" says so.
+WATCH_QUEUE = 10_000
 WF_FSYNC, WF_MKDIRS = 0x01, 0x02
 XF_TIMED_OUT = 0x01
 
@@ -182,6 +189,65 @@ class ReadStream(Stream):
         return True
 
 
+class WatchStream(Stream):
+    """A directory watch: OK once watching, then (event, path) pairs until cancelled."""
+
+    def __init__(self, on_event: Callable[[str, str], object] | None) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        #: The agent confirmed the watch (later errors end it; they do not undo that).
+        self.ok = False
+        self.on_event = on_event
+        self.events: collections.deque[tuple[str, str]] = collections.deque()
+        self.cond = threading.Condition()
+        self.overflowed = False
+
+    def on_frame(self, op: int, flags: int, payload: bytes) -> bool:
+        if op == OP_OK:
+            self.ok = True
+            self.started.set()
+            return False
+        if op == OP_WATCH_EVENT:
+            if len(payload) > 4 + 4096:  # PATH_MAX: the unread queue stays under ~40 MiB
+                raise ValueError("a watched path longer than PATH_MAX")
+            kind = WATCH_EVENTS[struct.unpack_from("<I", payload)[0]]  # KeyError: malformed
+            path = payload[4:].decode("utf-8", "surrogateescape")
+            if "\0" in path:
+                raise ValueError("NUL in a watched path")
+            self._push(kind, path)
+            return False
+        if op == OP_ERROR:
+            self.error = _agent_error(payload, "")
+        self.started.set()
+        self.close()
+        return True
+
+    def close(self) -> None:
+        """No more events: wake every reader."""
+        self.done.set()
+        with self.cond:
+            self.cond.notify_all()
+
+    def _push(self, kind: str, path: str) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, path)
+            except Exception:  # a broken callback must not kill the connection's reader
+                log.exception("watch callback raised; event kept in the queue")
+        with self.cond:
+            if len(self.events) < WATCH_QUEUE:
+                self.events.append((kind, path))
+            elif not self.overflowed:
+                self.overflowed = True
+                self.events[-1] = ("overflow", "")
+            self.cond.notify_all()
+
+    def fail(self, exc: SmolVMError) -> None:
+        super().fail(exc)
+        self.started.set()
+        self.close()
+
+
 class Conn:
     """One connected, HELLO'd socket plus its reader thread."""
 
@@ -258,7 +324,7 @@ class Conn:
         stream.activity = time.monotonic()
         try:
             finished = stream.on_frame(op, flags, payload)
-        except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
+        except (struct.error, ValueError, LookupError, UnicodeDecodeError) as exc:
             # A malformed payload (too short, bad encoding): the guest is broken or hostile.
             raise TransportError(
                 f"malformed frame from the guest agent (op 0x{op:02x}, {len(payload)} bytes): {exc}"

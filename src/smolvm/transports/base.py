@@ -12,9 +12,9 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
-from smolvm.exceptions import TransferLimitError
+from smolvm.exceptions import TransferLimitError, TransportError, ValidationError
 from smolvm.types import CommandResult, Limits
 
 #: Shell used for commands in the guest (busybox ash, static). "login" adds ``-l``.
@@ -45,6 +45,14 @@ def host_mode(guest_mode: int) -> int:
     return guest_mode & DOWNLOAD_MODE_MASK
 
 
+def check_size(cols: int, rows: int) -> tuple[int, int]:
+    """A terminal size (characters), validated."""
+    for name, v in (("cols", cols), ("rows", rows)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 0xFFFF:
+            raise ValidationError(f"{name} must be an int in 1..65535 (characters), got {v!r}", field=name)
+    return cols, rows
+
+
 @dataclass
 class ExecRequest:
     """One command to run. ``timeout`` is in seconds (None = no limit)."""
@@ -66,9 +74,14 @@ class ExecRequest:
     max_output_bytes: int | None = None
     #: False: keep no output at all (callbacks only), for streams of any size.
     capture: bool = True
+    #: (cols, rows): run on a new pseudo-terminal (agent channel); an empty ``command``
+    #: is an interactive login shell.
+    pty: tuple[int, int] | None = None
 
     @property
     def argv(self) -> list[str]:
+        if self.pty and not self.command:
+            return [GUEST_SHELL, "-l"]
         return guest_argv(self.command, self.shell)
 
 
@@ -91,6 +104,14 @@ class ProcessHandle(abc.ABC):
     @abc.abstractmethod
     def is_running(self) -> bool: ...
 
+    def write(self, data: bytes) -> None:
+        """Send ``data`` to the process's stdin (agent channel only)."""
+        raise TransportError(f"writing to a running process needs the guest agent channel, not {self!r}")
+
+    def resize(self, cols: int, rows: int) -> None:
+        """Set a PTY session's window size (agent channel only)."""
+        raise TransportError("PTY sessions need the guest agent channel")
+
     @property
     @abc.abstractmethod
     def stdout(self) -> bytes:
@@ -100,6 +121,19 @@ class ProcessHandle(abc.ABC):
     @abc.abstractmethod
     def stderr(self) -> bytes:
         """Standard error received so far."""
+
+
+class WatchHandle(Protocol):
+    """What :meth:`Transport.watch` returns."""
+
+    @property
+    def stopped(self) -> bool: ...
+
+    def get(self, timeout: float | None = None) -> tuple[str, str] | None: ...
+
+    def pending(self) -> list[tuple[str, str]]: ...
+
+    def stop(self) -> None: ...
 
 
 class Transport(abc.ABC):
@@ -142,6 +176,15 @@ class Transport(abc.ABC):
     def download(self, remote: str, local: Path, max_bytes: int | None = None) -> None:
         """Copy a guest file to the host, streaming; keeps the guest file's mode (see
         ``host_mode``). Over ``max_bytes`` (None: no limit): ``TransferLimitError``."""
+
+    def watch(
+        self, path: str, *, recursive: bool = False, on_event: Callable[[str, str], object] | None = None
+    ) -> WatchHandle:
+        """Watch a guest directory for changes (the agent channel implements it)."""
+        raise TransportError(
+            f"watching guest files needs the guest agent channel; this VM is reached over {self.name} "
+            "(an image built without the agent). Rebuild the image with the agent, or poll files.list()"
+        )
 
     @abc.abstractmethod
     def wait_ready(self, timeout: float) -> None:
