@@ -40,7 +40,7 @@ fi
 pip_install() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 pip_install --upgrade pip
 # torch is pinned in the `classifier` extra (an unpinned one pulls a multi-GB CUDA build).
-pip_install -e '.[test,classifier,mcp]' 
+pip_install -e '.[test,classifier,mcp,ray]'
 
 if [ "${1:-}" = "--image" ]; then
   .venv/bin/python -c "from smolvm.images import ImageBuilder; from smolvm.snapshots import build_default_snapshot; b = ImageBuilder(progress=print); print(b.ensure_default().path); print(build_default_snapshot(image_dir=b.cache_dir))"

@@ -19,7 +19,7 @@ LAZY_OK = {"torch", "transformers", "ray", "mcp", "pyroute2", "anyio", "uvicorn"
 #: shared leaf modules), never one above. guards and cli sit on top of the public API.
 LAYERS: list[set[str]] = [
     {"cli"},
-    {"guards"},
+    {"guards", "fleet"},
     {
         "",
         "smolvm",

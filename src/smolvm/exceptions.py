@@ -128,6 +128,11 @@ class GuestCrashedError(TransportError):
     The message ends with the tail of its serial console."""
 
 
+class SandboxLostError(SmolVMError):
+    """A fleet sandbox is gone with its node (the node died or left the cluster, or its
+    actor was killed). Its result is unknown; sandboxes on other nodes are not affected."""
+
+
 class CommandBlockedError(SmolVMError):
     """Raised from ``Callback.on_pre_run`` to veto a command before it reaches the guest."""
 

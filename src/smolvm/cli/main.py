@@ -20,6 +20,7 @@ from smolvm.cli import (
     demo,
     doctor,
     execution,
+    fleet,
     images,
     mcp_server,
     ports,
@@ -170,6 +171,7 @@ app.add_typer(images.image_app, name="image", rich_help_panel=HOST)
 app.add_typer(snapshots.snapshot_app, name="snapshot", rich_help_panel=MORE)
 app.command("demo", rich_help_panel=MORE)(demo.demo)
 app.command("mcp", rich_help_panel=MORE)(mcp_server.command)
+app.add_typer(fleet.fleet_app, name="fleet", rich_help_panel=MORE)
 app.command("version", rich_help_panel=MORE)(demo.version)
 
 
