@@ -112,3 +112,19 @@ def test_files_api_example(tmp_path, default_image):
         "terminal says 42",
     ]
     assert no_vms_left(tmp_path)
+
+
+def test_fleet_rollouts(tmp_path, default_image):
+    # Fleet() starts a local one-node Ray cluster; bound to 127.0.0.1 for the test.
+    p = run_example("fleet_rollouts.py", tmp_path, {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert lines[0] == "rollouts: 24 all ok: True" and lines[2] == "nodes: 1"
+    import random
+
+    want = []
+    for seed in range(3):
+        random.seed(seed)
+        want.append(str(random.randint(0, 99)))
+    assert lines[1] == f"first three: {want}"  # results in input order
+    assert no_vms_left(tmp_path)
