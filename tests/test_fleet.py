@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,3 +160,21 @@ def test_a_lost_node_fails_only_its_sandboxes(fleet: Fleet, nodes: Nodes) -> Non
     assert str(nodes.root / victim_name) in info and len(info) == 3
     with SmolVMManager(data_dir=nodes.root / victim_name) as m:
         assert m.list_vms() == []
+
+
+def test_each_node_keeps_a_warm_pool(fleet: Fleet, nodes: Nodes) -> None:
+    fleet.close()  # its hosts run without pools; this fleet's hosts keep one VM each
+    with Fleet(pool_size=1) as pooled:
+        deadline = time.monotonic() + 180
+        while not all(n["pool_ready"] == 1 for n in pooled.nodes()):
+            assert time.monotonic() < deadline, pooled.nodes()
+            time.sleep(0.5)
+        infos = pooled.nodes()
+        assert all(n["running"] == 0 and n["pool_size"] == 1 for n in infos)  # pool VMs are not sandboxes
+        before = set()
+        for d in nodes.data_dirs():
+            with SmolVMManager(data_dir=d) as m:
+                before |= {v.vm_id for v in m.list_vms()}
+        with pooled.sandbox() as sb:
+            assert sb.vm_id in before  # handed out by its node's pool, not restored anew
+            assert sb.run("echo pooled").output == "pooled"

@@ -61,7 +61,7 @@ class SandboxHost:
             "node_id": self.node_id,
             "data_dir": str(self.data_dir),
             "capacity": self.capacity,
-            "running": len(running) - (self.pool.ready if self.pool else 0),
+            "running": len(running),  # pool VMs wait paused: not counted
             "pool_ready": self.pool.ready if self.pool else 0,
             "pool_size": self.pool.size if self.pool else 0,
         }
@@ -102,10 +102,15 @@ class SandboxActor:
             ray.get(host.ensure_snapshot.remote(snapshot, pack, shared_dir))
             self.vm = SmolVM.from_snapshot(snapshot, **kwargs)
         else:
+            host_info: Any = ray.get(host.info.remote())
+            if "pool" not in kwargs and host_info["pool_size"] > 0:
+                # The host's pool fills the node's state store; a size-0 view of the same
+                # pool claims from it (and never drains the host's VMs: not its owner).
+                kwargs = {**kwargs, "pool": WarmPool(0, start=False)}
             self.vm = SmolVM(**kwargs)
         self.vm.start()
         self._procs: dict[int, ProcessHandle] = {}
-        self._next = 0
+        self._next: int = 0
 
     def info(self) -> tuple[str, str]:
         return self.vm.vm_id, self.node_id
