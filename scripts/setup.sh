@@ -26,6 +26,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+# QEMU drops to this unprivileged system user once it has opened its files (when SmolVM
+# runs as root); without it QEMU keeps running as root (`smolvm doctor` warns).
+if ! getent passwd smolvm-vmm >/dev/null; then
+  $SUDO useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin smolvm-vmm
+fi
 # SmolVM runs sniproxy inside each sandbox's namespace; the package's own host-wide
 # service (ports 80/443 on every interface) must not run.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled sniproxy >/dev/null 2>&1; then

@@ -79,6 +79,51 @@ def test_qemu_runs_under_its_seccomp_filter(shared_vm) -> None:
     shared_vm.manager.delete_snapshot(snap.snapshot_id)
 
 
+def _identity(pid: int) -> tuple[int, str, str]:
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
+    return int(status["Uid"].split()[0]), status["CapEff"].strip(), status["Seccomp"].strip()
+
+
+@pytest.mark.e2e
+@pytest.mark.root
+def test_qemu_drops_to_an_unprivileged_user(vms, tmp_path: Path) -> None:
+    """As root, QEMU opens its files and then runs as the smolvm-vmm user with no
+    capabilities (seccomp on), in TAP and user mode, cold-booted and restored, and snapshots
+    still work (the writable disk is not reopened by path after a migration)."""
+    import pwd
+
+    from smolvm import SmolVM
+    from smolvm.backends.qemu import VMM_USER_DEFAULT
+    from smolvm.types import VMConfig
+
+    assert os.geteuid() == 0, "runs as root in CI"
+    uid = pwd.getpwnam(VMM_USER_DEFAULT).pw_uid  # created by scripts/setup.sh
+    tap = vms.sandbox(VMConfig(network="tap"), cold_boot=True).start()
+    assert _identity(tap.refresh().pid) == (uid, "0000000000000000", "2")
+    assert tap.run("echo via-tap").output == "via-tap"
+    tap.delete()
+    cold = vms.sandbox(cold_boot=True).start()
+    assert _identity(cold.refresh().pid) == (uid, "0000000000000000", "2")
+    cold.run("echo kept > /root/k.txt")
+    snap = cold.snapshot()
+    clone = SmolVM.from_snapshot(snap.snapshot_id, manager=vms.manager).start()
+    vms.track(clone.vm_id)
+    assert _identity(clone.refresh().pid) == (uid, "0000000000000000", "2")
+    assert clone.run("cat /root/k.txt").output == "kept"
+    clone.delete()
+    restored = vms.sandbox().start()  # user mode, from the image's boot snapshot
+    assert _identity(restored.refresh().pid)[0] == uid
+    # A VM with a 9p share keeps QEMU's own uid: QEMU reads and writes that host directory.
+    share = tmp_path / "share"
+    share.mkdir()
+    mounted = vms.sandbox(mounts=[f"{share}:/workspace"], cold_boot=True).start()
+    assert _identity(mounted.refresh().pid)[0] == 0
+    cold.delete()
+    vms.manager.delete_snapshot(snap.snapshot_id)
+
+
 @pytest.mark.e2e
 def test_guest_ram_and_qemu_files_are_owner_only(vms) -> None:
     vm = vms.sandbox(cold_boot=True).start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,23 @@ from smolvm.exceptions import BackendError, NetworkError, OperationTimeoutError
 from smolvm.network import sandbox
 
 QEMU_BIN = "qemu-system-x86_64"
+#: The unprivileged user QEMU drops to when SmolVM runs as root (created by scripts/setup.sh).
+VMM_USER_DEFAULT = "smolvm-vmm"
+
+
+def vmm_user(spec: LaunchSpec | None = None) -> str | None:
+    """The user QEMU runs as after it has opened its files, or None (it stays as it was
+    started): only when we are root, the user exists (``SMOLVM_VMM_USER``, "" disables),
+    and the VM has no 9p shares (QEMU reads and writes those host dirs at run time, with
+    its own uid)."""
+    name = os.environ.get("SMOLVM_VMM_USER", VMM_USER_DEFAULT)
+    if not name or os.geteuid() != 0 or (spec is not None and spec.shares):
+        return None
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return None
+    return name
 
 
 def qemu_binary() -> str | None:
@@ -189,6 +207,7 @@ class QemuBackend(Backend):
                     f"mem-path={spec.memory.path},share={share}",
                 ]
         nice = ["nice", "-n", str(spec.nice)] if spec.nice and shutil.which("nice") else []
+        user = vmm_user(spec)
         a = [
             *nice,
             binary,
@@ -223,16 +242,22 @@ class QemuBackend(Backend):
             *_agent_ports(spec),
             "-pidfile",
             str(spec.vm_dir / "qemu.pid"),
-            # seccomp: no fork/exec, no setuid/privilege changes, no obsolete or
-            # scheduler/resource syscalls. Hence no -daemonize (it forks after the filter
-            # is on) and fd: migration for snapshots (see QMP.pass_fd).
+            # seccomp: no fork/exec, no obsolete or scheduler/resource syscalls. Hence no
+            # -daemonize (it forks after the filter is on) and fd: migration for snapshots
+            # (see QMP.pass_fd). Privilege changes are denied too, except the one drop of
+            # -runas (QEMU 7.2 installs the filter first; after the drop it holds no
+            # capability to elevate with).
             "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            f"on,obsolete=deny,elevateprivileges={'allow' if user else 'deny'},spawn=deny,"
+            "resourcecontrol=deny",
+            *(["-runas", user] if user else []),
         ]
         if spec.initrd:
             a += ["-initrd", str(spec.initrd)]
         for d in spec.disks:
-            ro = ",readonly=on" if d.read_only else ""
+            # A writable disk is opened read-write at start (as root, before -runas): with
+            # the default auto-read-only QEMU reopened it by path when a migration ended.
+            ro = ",readonly=on" if d.read_only else ",file.auto-read-only=off"
             a += [
                 "-drive",
                 f"id={d.id},file={d.path},format={d.format},if=none,cache=unsafe{ro}",

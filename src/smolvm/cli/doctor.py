@@ -52,7 +52,7 @@ def has_cap_net_admin() -> bool:
 
 
 def check_qemu() -> list[Check]:
-    from smolvm.backends.qemu import QEMU_BIN, qemu_binary
+    from smolvm.backends.qemu import QEMU_BIN, VMM_USER_DEFAULT, qemu_binary, vmm_user
 
     fix = "apt-get install qemu-system-x86 qemu-utils   (or: smolvm setup)"
     binary = qemu_binary()
@@ -64,6 +64,19 @@ def check_qemu() -> list[Check]:
         checks.append(Check("qemu", FAIL, f"{QEMU_BIN} not found on PATH", fix))
     img = shutil.which("qemu-img")
     checks.append(Check("qemu-img", OK, img) if img else Check("qemu-img", FAIL, "qemu-img not found", fix))
+    if os.geteuid() == 0:
+        user = vmm_user()
+        checks.append(
+            Check("vmm-user", OK, f"QEMU drops to user {user} after start")
+            if user
+            else Check(
+                "vmm-user",
+                WARN,
+                "QEMU runs as root: no unprivileged user to drop to",
+                f"useradd --system --no-create-home --shell /usr/sbin/nologin {VMM_USER_DEFAULT}"
+                "   (or: bash scripts/setup.sh)",
+            )
+        )
     return checks
 
 
