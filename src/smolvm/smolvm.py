@@ -491,6 +491,7 @@ class SmolVM(Endpoints, GuestEnv):
         """An interactive terminal (``cols`` x ``rows`` characters) running ``command``, or
         a login shell when None; agent channel only. Pre-run callbacks see it (shell "pty")
         and can veto it; what is typed into it later is not a command they see."""
+        # Validated like any command, then emptied: no command on a pty = interactive login shell.
         req = self._request(command or "sh", timeout, "login", env, cwd, None, capture=False)
         req.command, req.pty = command or "", check_size(cols, rows)
         run_pre_hooks(self._callbacks, RunContext(self.vm_id, req.command, "pty", 0, env=env, cwd=cwd))

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from smolvm.exceptions import OperationTimeoutError
-from smolvm.transports.base import ProcessHandle, check_size
+from smolvm.transports.base import ProcessHandle
 from smolvm.types import CommandResult
 
 #: Unread output kept per PTY session (bytes) when no ``on_data`` callback is given.
@@ -108,7 +108,7 @@ class PtyHandle:
 
     def resize(self, cols: int, rows: int) -> None:
         """Set the window size in characters; the guest's programs get SIGWINCH."""
-        self._proc.resize(*check_size(cols, rows))
+        self._proc.resize(cols, rows)  # the transport's handle checks the size
 
     def wait(self, timeout: float | None = None) -> CommandResult:
         """Block until the session ends (``timeout`` seconds; None: forever) and return its

@@ -184,9 +184,9 @@ class Fleet:
             if n.get("Alive") and n.get("Resources", {}).get(RESOURCE, 0) > 0
         }
 
-    def refresh(self) -> None:
+    def refresh(self) -> dict[str, float]:
         """Start a ``SandboxHost`` on every node that joined (it reconciles that node's
-        data dir first) and forget nodes that left."""
+        data dir first) and forget nodes that left; returns node id -> ``smolvm`` units."""
         nodes = self._smolvm_nodes()
         for nid in list(self._hosts):
             if nid not in nodes:
@@ -204,6 +204,7 @@ class Fleet:
         for nid, h in new.items():
             ray.get(h.info.remote(), timeout=600)  # ready: reconciled, image built
             self._hosts[nid] = h
+        return nodes
 
     def nodes(self) -> list[dict[str, Any]]:
         """Per node: ``node_id``, ``capacity`` (sandboxes), ``running``, ``pool_ready``,
@@ -220,10 +221,10 @@ class Fleet:
             out.append(info)
         return sorted(out, key=lambda i: i["node_id"])
 
-    def _units(self) -> float:
+    def _units(self, nodes: dict[str, float]) -> float:
         if not self.per_node:
             return 1.0
-        smallest = min(self._smolvm_nodes().values(), default=1.0)
+        smallest = min(nodes.values(), default=1.0)
         return max(smallest / self.per_node, 0.0001)
 
     # ------------------------------------------------------------------ sandboxes
@@ -234,8 +235,8 @@ class Fleet:
             raise SnapshotNotFoundError(
                 f"no fleet snapshot named {snapshot!r} (sandbox.snapshot(name) makes one)"
             )
-        self.refresh()
-        actor = SandboxActor.options(resources={RESOURCE: self._units()}).remote(  # type: ignore[attr-defined]
+        units = self._units(self.refresh())  # one cluster query per sandbox
+        actor = SandboxActor.options(resources={RESOURCE: units}).remote(  # type: ignore[attr-defined]
             smolvm_kwargs, snapshot, self._snapshots.get(snapshot or ""), self.snapshot_dir
         )
         sb = FleetSandbox(self, actor, self.callbacks)

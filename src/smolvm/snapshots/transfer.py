@@ -140,7 +140,7 @@ def unpack_snapshot(rt: Runtime, pack: SnapshotPack) -> SnapshotInfo:
         unpack_snapshot(rt, pack.parent)
     existing = rt.state.get_snapshot(pack.name)
     if existing is not None:
-        if _origin_of(existing.meta) == _origin(pack):
+        if _origin(existing.meta) == _origin(pack.meta):
             return get_snapshot(rt, pack.name)
         raise SnapshotError(f"a different snapshot named {pack.name!r} exists here: delete it or rename")
     final = snapshots_dir(rt) / pack.name
@@ -148,7 +148,7 @@ def unpack_snapshot(rt: Runtime, pack: SnapshotPack) -> SnapshotInfo:
     try:
         _write_files(pack, tmp)
         meta = {k: v for k, v in pack.meta.items() if k not in ("config", "name")}
-        meta["packed_from"] = _origin(pack)
+        meta["packed_from"] = _origin(pack.meta)
         if pack.parent is not None:
             parent_disk = get_snapshot(rt, pack.parent.name).path / "disk.qcow2"
             _rebase(tmp / "disk.qcow2", parent_disk)
@@ -168,11 +168,7 @@ def unpack_snapshot(rt: Runtime, pack: SnapshotPack) -> SnapshotInfo:
     return get_snapshot(rt, pack.name)
 
 
-def _origin(pack: SnapshotPack) -> str:
-    return _origin_of(pack.meta)
-
-
-def _origin_of(meta: dict[str, Any]) -> str:
+def _origin(meta: dict[str, Any]) -> str:
     """Identifies one snapshot across machines: where and when its state was saved."""
     return str(meta.get("packed_from") or f"{meta.get('source_vm')}@{meta.get('created_at')}")
 
