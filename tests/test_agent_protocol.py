@@ -240,6 +240,30 @@ def test_spawn_kill_and_handle(t):
     assert (r2.exit_code, r2.stdout, r2.stderr, h2.stderr) == (3, "out\n", "err\n", b"err\n")
 
 
+def test_low_priority_detached_spawn_can_be_forgotten(t, tmp_path):
+    """SmolVM's background work after a restore: nice 19, detached, not followed."""
+    done = tmp_path / "done"
+    req = ExecRequest(
+        f"read -r _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ n _ < /proc/self/stat; echo $n > {done}",
+        shell="raw",
+        timeout=None,
+        detach=True,
+        host_work=True,
+    )
+    req.low_priority = True
+    h = t.spawn(req)
+    h.forget()
+    end = time.monotonic() + 10
+    while not (done.exists() and done.read_text()) and time.monotonic() < end:
+        time.sleep(0.01)
+    assert done.read_text().strip() == "19"  # the shell itself ran at nice 19
+    assert t.exec(ExecRequest("echo still-talking", shell="raw")).stdout == "still-talking\n"
+    plain = t.exec(
+        ExecRequest("read -r _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ _ n _ < /proc/self/stat; echo $n", "raw")
+    )
+    assert plain.stdout == "0\n"  # commands keep the default priority
+
+
 # -- control ops --------------------------------------------------------------------------
 def test_ping_time_entropy(t):
     assert 0 < t.ping() < 5

@@ -57,6 +57,8 @@ def test_commands_run_in_their_own_session_group(box) -> None:
     finally:
         h.kill()
     assert box.run("cat /proc/1/cgroup", shell="raw").output == "0::/"  # the agent is not in it
+    # Migrations between groups skip an RCU grace period (two per command).
+    assert "favordynmods" in box.run("grep cgroup2 /proc/mounts", shell="raw").output
 
 
 FORK_BOMBS = [

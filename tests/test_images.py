@@ -16,7 +16,7 @@ from smolvm.build import SSH_BOOT_ARGS
 from smolvm.exceptions import ImageError, ValidationError
 from smolvm.images.configdisk import build_config_disk
 from smolvm.images.cpio import CpioWriter
-from smolvm.images.kernel import extract_vmlinux
+from smolvm.images.kernel import MODULE_SIG_MAGIC, extract_vmlinux, without_signature
 
 
 def parse_newc(data: bytes) -> dict[str, tuple[int, bytes]]:
@@ -85,12 +85,29 @@ def test_default_image_is_cached_and_well_formed(default_image):
     mods = ents["lib/modules/order"][1].decode().split()
     assert mods.index("virtio_mmio.ko") < mods.index("virtio_blk.ko")
     assert "crc32c-intel.ko" not in mods and "ext4.ko" in mods
+    # vsock (Firecracker's agent channel) loads only when the VM has a vsock device.
+    assert "vsock.ko" not in mods and "vsock.ko" in ents["lib/modules/order.vsock"][1].decode().split()
+    # No module carries a signature: the guest would hash each one at every boot.
+    for name, (_mode, data) in ents.items():
+        if name.endswith(".ko"):
+            assert not data.endswith(MODULE_SIG_MAGIC), name
+            assert data[:4] == b"\x7fELF", name
     with open(default_image.rootfs, "rb") as f:
         f.seek(1080)
         assert f.read(2) == b"\x53\xef"  # ext4 magic
         f.seek(1144)
         assert f.read(11) == b"smolvm-root"
     assert default_image.manifest["kernel"]["package"].startswith("linux-image-")
+
+
+def test_module_signatures_are_cut_exactly():
+    body = b"\x7fELF" + bytes(range(256)) * 40
+    sig = b"\x30\x82" + b"s" * 500  # PKCS#7 blob stand-in
+    info = bytes(8) + len(sig).to_bytes(4, "big")  # struct module_signature: sig_len last
+    assert without_signature(body + sig + info + MODULE_SIG_MAGIC) == body
+    assert without_signature(body) == body  # unsigned: unchanged
+    with pytest.raises(ImageError, match="malformed"):
+        without_signature(b"x" + (10**6).to_bytes(12, "big") + MODULE_SIG_MAGIC)
 
 
 def test_input_change_changes_cache_key():

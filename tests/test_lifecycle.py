@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -198,3 +199,23 @@ def test_boot_timeout_raises_and_leaves_error_state(vms):
     assert ei.value.message and "boot_timeout" in ei.value.message
     assert vm.status is VMState.ERROR
     assert qemu_pids_for(vm.vm_id) == []
+
+
+def test_wait_gone_wakes_on_exit_and_honours_the_token():
+    p = subprocess.Popen(["sleep", "30"])
+    token = procs.process_token(p.pid)
+    t = time.monotonic()
+    assert not procs.wait_gone(p.pid, 0.2, token)  # still running: times out
+    assert time.monotonic() - t >= 0.19
+    threading.Timer(0.1, p.kill).start()
+    t = time.monotonic()
+    assert procs.wait_gone(p.pid, 30, token)  # a zombie (not reaped yet) is gone
+    assert time.monotonic() - t < 10  # woken by the exit, not by the timeout
+    p.wait()
+    assert procs.wait_gone(p.pid, 1, token)  # reaped: gone at once
+    q = subprocess.Popen(["sleep", "30"])
+    try:
+        assert procs.wait_gone(q.pid, 1, f"{q.pid}:1")  # same pid, another process
+    finally:
+        q.kill()
+        q.wait()

@@ -171,7 +171,35 @@ def test_default_sandbox_is_restored_with_its_own_identity(vms) -> None:
             assert got, f"{vm.vm_id}: host key not replaced"
             assert wait_for(lambda vm=vm: vm.run("pidof dropbear", shell="raw").ok, 15)
             assert vm.run("cat /etc/hostname").output == vm.vm_id
+            # The identity work ran at nice 19; the SSH server it started runs at 0.
+            pid = vm.run("pidof dropbear", shell="raw").output.split()[0]
+            assert vm.run(f"cut -d' ' -f19 /proc/{pid}/stat", shell="raw").output == "0"
     no_leftovers(vms.manager, [a.vm_id, b.vm_id])
+
+
+@pytest.mark.e2e
+def test_idle_guests_are_tickless(vms) -> None:
+    """Restored and cold-booted guests stop their timer tick when idle (the TCG CPU model
+    has ARAT, so the kernel gets a one-shot timer): in periodic mode every idle sandbox
+    took 250 emulated timer interrupts a second, ~4% of a host core."""
+    count = "grep LOC: /proc/interrupts | awk '{print $2}'"
+    with vms.sandbox() as a, vms.sandbox(cold_boot=True) as b:
+        assert a.info.snapshot and not b.info.snapshot
+        for vm in (a, b):
+            r = vm.run(f"x=$({count}); sleep 2; y=$({count}); echo $((y - x))", shell="raw")
+            assert r.ok and int(r.output) < 100, f"{vm.vm_id}: {r.output} timer interrupts in 2 s"
+            modes = vm.run("grep nohz_mode /proc/timer_list", shell="raw").output
+            assert ": 2" in modes, modes  # NOHZ_MODE_HIGHRES
+
+
+def test_restores_repeat_the_cpu_model_of_their_snapshot() -> None:
+    from smolvm.backends.qemu import QEMU_DEFAULT_CPU, TCG_CPU
+    from smolvm.snapshots.records import restore_spec_cpu
+
+    assert restore_spec_cpu({"launch": {"accel": "tcg", "cpu": TCG_CPU}}) == TCG_CPU
+    # Taken before the model was recorded: QEMU's default then, not today's.
+    assert restore_spec_cpu({"launch": {"accel": "tcg"}}) == QEMU_DEFAULT_CPU
+    assert restore_spec_cpu({"launch": {"accel": "kvm"}}) is None  # -cpu host
 
 
 @pytest.mark.e2e

@@ -14,9 +14,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from smolvm.locks import file_lock
 
 
@@ -41,6 +38,10 @@ class HostKey:
 
     @classmethod
     def generate(cls) -> HostKey:
+        # cryptography costs ~11 ms of `import smolvm`; only making keys needs it.
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         key = Ed25519PrivateKey.generate()
         seed = key.private_bytes(
             serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
@@ -71,6 +72,9 @@ def ensure_client_key(keys_dir: Path) -> tuple[Path, str]:
         # Many processes/threads may start VMs at once: exactly one creates the key pair.
         with file_lock(keys_dir / ".lock"):
             if not priv.exists() or not pub.exists():
+                from cryptography.hazmat.primitives import serialization  # see HostKey.generate
+                from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
                 key = Ed25519PrivateKey.generate()
                 line = (
                     key.public_key()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from pathlib import Path
@@ -40,7 +41,24 @@ def is_alive(pid: int | None, token: str | None = None) -> bool:
 
 
 def wait_gone(pid: int, timeout: float, token: str | None = None) -> bool:
+    """True once ``pid`` has exited (or is another process than ``token``), False after
+    ``timeout`` seconds. Waits on a pidfd, so it returns as soon as the process is gone."""
     deadline = time.monotonic() + timeout
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # already gone, or a kernel without pidfds (< 5.3): poll /proc
+        fd = -1
+    if fd >= 0:
+        try:
+            # Checked after opening, so the pidfd refers to the process the token names.
+            if not is_alive(pid, token):
+                return True
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            p.poll(max(0.0, timeout) * 1000)
+            return not is_alive(pid, token)
+        finally:
+            os.close(fd)
     while is_alive(pid, token):
         if time.monotonic() >= deadline:
             return False

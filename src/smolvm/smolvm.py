@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
@@ -538,6 +537,8 @@ class SmolVM(Endpoints, GuestEnv):
         self, command: str, timeout: float | None = 30, shell: str = "login", **kw: Any
     ) -> CommandResult:
         """``run`` for asyncio code: the same core, on a worker thread."""
+        import asyncio  # ~30 ms to import: only coroutine callers pay it
+
         return await asyncio.to_thread(self.run, command, timeout, shell, **kw)
 
     # ------------------------------------------------------------------ files

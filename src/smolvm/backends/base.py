@@ -92,6 +92,9 @@ class LaunchSpec:
     net: NetSpec | None = None
     #: "kvm" | "tcg" — QEMU only; Firecracker always uses KVM.
     accel: str = "tcg"
+    #: Guest CPU model under TCG (QEMU ``-cpu``); None: the backend's default
+    #: (:data:`smolvm.backends.qemu.TCG_CPU`). A restore repeats its snapshot's.
+    cpu: str | None = None
     #: Restore from this saved state instead of booting (see snapshots).
     incoming: Path | None = None
     #: The saved state skipped shared RAM (x-ignore-shared); RAM comes from ``memory``.

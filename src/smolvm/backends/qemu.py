@@ -15,18 +15,28 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
-from qemu.qmp import ExecuteError, QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
+from typing import TYPE_CHECKING, Any
 
 from smolvm.backends.base import Backend, LaunchSpec, agent_sockets
 from smolvm.exceptions import BackendError, NetworkError, OperationTimeoutError
 from smolvm.network import sandbox
 
+if TYPE_CHECKING:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
 QEMU_BIN = "qemu-system-x86_64"
 #: The unprivileged user QEMU drops to when SmolVM runs as root (created by scripts/setup.sh).
 VMM_USER_DEFAULT = "smolvm-vmm"
+
+
+#: The guest CPU under TCG: QEMU's default model plus ARAT (the local APIC timer keeps
+#: running in idle). Without ARAT the guest kernel marks its only timer C3STOP, finds no
+#: broadcast timer on microvm and stays in periodic mode: 250 timer interrupts a second,
+#: every one emulated, so each idle sandbox cost ~4% of a core. With it the kernel goes
+#: tickless (NO_HZ_IDLE, high-res timers) and an idle guest wakes ~10 times a second.
+TCG_CPU = "qemu64,+arat"
+#: What QEMU runs without ``-cpu`` (snapshots taken before the model was recorded).
+QEMU_DEFAULT_CPU = "qemu64"
 
 
 def vmm_user(spec: LaunchSpec | None = None) -> str | None:
@@ -57,6 +67,10 @@ class QMP:
         self._qmp: QEMUMonitorProtocol | None = None
 
     def __enter__(self) -> QMP:
+        # qemu.qmp brings asyncio (~30 ms of `import smolvm`); only QMP sessions need it.
+        from qemu.qmp import QMPError
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
         deadline = time.monotonic() + self.timeout
         while True:
             q = QEMUMonitorProtocol(str(self.path))
@@ -84,6 +98,8 @@ class QMP:
         """Hand ``fd`` to QEMU as ``name`` (SCM_RIGHTS + ``getfd``): migration streams go
         through file descriptors, so QEMU never needs to spawn a shell (``exec:``) and can
         run with ``-sandbox spawn=deny``."""
+        from qemu.qmp import QMPError  # loaded by __enter__ already
+
         assert self._qmp is not None
         try:
             self._qmp.send_fd_scm(fd)
@@ -92,6 +108,8 @@ class QMP:
         self.execute("getfd", fdname=name)
 
     def execute(self, cmd: str, **args: Any) -> Any:
+        from qemu.qmp import ExecuteError, QMPError  # loaded by __enter__ already
+
         assert self._qmp is not None
         try:
             return self._qmp.cmd(cmd, **args)
@@ -191,7 +209,7 @@ class QemuBackend(Backend):
             accel = ["-accel", "kvm", "-cpu", "host"]
         else:
             # A smaller translation cache keeps idle RSS down; 32 MiB costs no speed here.
-            accel = ["-accel", "tcg,tb-size=32"]
+            accel = ["-accel", "tcg,tb-size=32", "-cpu", spec.cpu or TCG_CPU]
         machine = "microvm,acpi=on"
         mem: list[str] = []
         if spec.memory is not None:

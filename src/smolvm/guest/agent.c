@@ -462,6 +462,7 @@ static void serve(void)
                 if (ch->out_len && chan_flush(ch) < 0) chan_gone(ch);
             }
         }
+        proc_release_groups();
         if (vports_down() && now >= g_next_check) vports_check();
         /* More ports may still appear until SMOLVM_READY (virtio_console adds them right
          * after its probe in stage 1). Not after, unless none was found: a host connects only

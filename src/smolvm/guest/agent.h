@@ -73,6 +73,7 @@ enum {
 #define EXEC_LIMITS      0x08 /* after env: u32 pids_max, u32 memory_mib, u32 cpu_weight */
 #define EXEC_HOST        0x10 /* SmolVM's own work (identity push): no session cgroup */
 #define EXEC_PTY         0x20 /* after limits: u16 cols, u16 rows; stdio is a new pty */
+#define EXEC_LOWPRIO     0x40 /* nice 19: SmolVM's background work yields to commands */
 #define WATCH_RECURSIVE  0x01
 enum { EV_CREATE = 1, EV_WRITE, EV_REMOVE, EV_RENAME, EV_CHMOD, EV_OVERFLOW };
 #define WF_FSYNC     0x01
@@ -168,6 +169,7 @@ void proc_abandon(struct chan *ch);
 void proc_reap(void);
 void proc_read(struct proc *pr, int fd);
 void proc_write_stdin(struct proc *pr);
+void proc_release_groups(void); /* after flushing: see proc_finish() */
 void proc_finish(void);
 void proc_timeouts(int64_t now);
 int64_t proc_next_deadline(void);

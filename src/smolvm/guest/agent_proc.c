@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -236,7 +237,14 @@ void proc_exec(struct chan *ch, uint32_t sid, const unsigned char *p, size_t n)
         cg_release(cg);
         cg = 0;
     }
+    /* EXEC_LOWPRIO: the child inherits nice 19 from the agent for the spawn's instant (as
+     * with the cgroup), so it never runs at the default; root may lower it back after. */
+    int nice0 = (xflags & EXEC_LOWPRIO) ? getpriority(PRIO_PROCESS, 0) : 0;
+    if ((xflags & EXEC_LOWPRIO) && setpriority(PRIO_PROCESS, 0, 19))
+        logmsg("setpriority 19: %s", strerror(errno));
     int rc = posix_spawn(&pid, path, &fa, &at, g_argv, g_envp);
+    if ((xflags & EXEC_LOWPRIO) && setpriority(PRIO_PROCESS, 0, nice0))
+        logmsg("setpriority %d: %s", nice0, strerror(errno));
     if (cg && cg_move_self(0) != 0) logmsg("cgroup: cannot leave s%u: %s", cg, strerror(errno));
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&at);
@@ -409,6 +417,16 @@ void proc_read(struct proc *pr, int fd)
 }
 
 /* Send EXIT for commands that exited and whose output is drained. */
+/* Groups of finished sessions, released after the main loop flushed their EXIT frames:
+ * releasing reads cgroupfs, ~1 ms under TCG that a caller should not wait for. */
+static unsigned g_released[MAX_PROCS];
+static int g_nreleased;
+
+void proc_release_groups(void)
+{
+    while (g_nreleased > 0) cg_release(g_released[--g_nreleased]);
+}
+
 void proc_finish(void)
 {
     for (int i = 0; i < MAX_PROCS; i++) {
@@ -425,6 +443,10 @@ void proc_finish(void)
         put32(b + 4, (pr->timed_out ? XF_TIMED_OUT : 0) | (sig ? XF_SIGNALED : 0));
         put32(b + 8, (uint32_t)sig);
         emit(pr->ch, OP_EXIT, 0, pr->sid, b, sizeof b);
+        if (pr->cg && g_nreleased < MAX_PROCS) {
+            g_released[g_nreleased++] = pr->cg;
+            pr->cg = 0;
+        }
         proc_free(pr);
     }
 }

@@ -12,8 +12,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,10 +58,12 @@ def minirootfs_url() -> str:
 
 
 def _download(url: str, dest: Path, timeout: float = 20.0) -> None:
+    import urllib.request  # with http.client and ssl ~7 ms of `import smolvm`; rarely needed
+
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r, open(dest, "wb") as f:
             shutil.copyfileobj(r, f)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError) as exc:  # URLError is an OSError
         raise ImageError(
             f"Alpine's mirror is unreachable ({url}: {exc}). Set SMOLVM_ALPINE_MIRROR to a "
             "reachable Alpine mirror, or build offline from Debian packages with "

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: Name of the image ``SmolVM()`` uses (a directory under the image dir).
+DEFAULT_IMAGE = "default"
+
 
 @dataclass(frozen=True)
 class ImageArtifacts:

@@ -23,15 +23,14 @@ from smolvm.guest import AGENT_SOURCES, build_agent
 from smolvm.images import kernel as kmod
 from smolvm.images import rootfs as rfs
 from smolvm.images.alpine import build_alpine
-from smolvm.images.artifacts import ImageArtifacts, load_manifest
+from smolvm.images.artifacts import DEFAULT_IMAGE, ImageArtifacts, load_manifest
 from smolvm.images.cpio import CpioWriter
 from smolvm.locks import file_lock
 from smolvm.paths import resolve_data_dir, resolve_image_dir
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "2"  # 2: manifest key rootfs_size_mib
-DEFAULT_IMAGE = "default"
+BUILDER_VERSION = "3"  # 2: manifest key rootfs_size_mib; 3: unsigned stage-1 modules, vsock on demand
 GUEST_DIR = Path(__file__).resolve().parent.parent / "guest"
 STAGE1_MODULES = [
     "virtio_mmio",
@@ -39,8 +38,9 @@ STAGE1_MODULES = [
     "virtio_net",
     "virtio_console",
     "ext4",
-    "vmw_vsock_virtio_transport",
 ]
+#: Loaded by stage 1 only when the VM has a vsock device (Firecracker's agent channel).
+VSOCK_MODULES = ["vmw_vsock_virtio_transport"]
 #: Loaded by stage 1 only for VMs with workspace mounts (``smolvm.shares=1``).
 SHARE_MODULES = ["9pnet_virtio", "9p", "overlay"]
 # crc32c-intel fails to load under TCG and costs 100 ms; crc32c_generic serves ext4.
@@ -278,7 +278,16 @@ class ImageBuilder:
         kdir.mkdir(exist_ok=True)
         stage1 = (GUEST_DIR / "stage1-init.sh").read_bytes()
         pkg, ver = kmod.resolve_kernel_package()
-        key = _sha(BUILDER_VERSION, pkg, ver, stage1, ",".join(STAGE1_MODULES), ",".join(SHARE_MODULES))
+        key = _sha(
+            BUILDER_VERSION,
+            pkg,
+            ver,
+            stage1,
+            ",".join(STAGE1_MODULES),
+            ",".join(SHARE_MODULES),
+            ",".join(VSOCK_MODULES),
+            "unsigned-modules",
+        )
         out = kdir / key
         if (out / "kernel.json").exists():
             return out
@@ -303,15 +312,15 @@ class ImageBuilder:
                 cpio.file("init", stage1, 0o755)
                 order = []
                 for m in mods:
-                    cpio.file(f"lib/modules/{m.name}", m.read_bytes(), 0o644)
+                    cpio.file(f"lib/modules/{m.name}", kmod.without_signature(m.read_bytes()), 0o644)
                     order.append(m.name)
                 cpio.file("lib/modules/order", ("\n".join(order) + "\n").encode())
-                extra = [
-                    m for m in kmod.module_closure(tree, SHARE_MODULES, SKIP_MODULES) if m.name not in order
-                ]
-                for m in extra:
-                    cpio.file(f"lib/modules/{m.name}", m.read_bytes(), 0o644)
-                cpio.file("lib/modules/order.shares", ("\n".join(m.name for m in extra) + "\n").encode())
+                for group, names in (("shares", SHARE_MODULES), ("vsock", VSOCK_MODULES)):
+                    extra = [m for m in kmod.module_closure(tree, names, SKIP_MODULES) if m.name not in order]
+                    for m in extra:
+                        cpio.file(f"lib/modules/{m.name}", kmod.without_signature(m.read_bytes()), 0o644)
+                    names_txt = "".join(f"{m.name}\n" for m in extra)
+                    cpio.file(f"lib/modules/order.{group}", names_txt.encode())
                 cpio.write(work / "initrd.cpio")
                 os.replace(tree.vmlinux, work / "vmlinux")
                 (work / "kernel.json").write_text(

@@ -127,20 +127,17 @@ def install_guest_files(
 def tune_login_shell(root: Path) -> None:
     """Keep login-shell start-up free of dynamic execs (~50 ms each under TCG).
 
-    Debian's /etc/profile runs ``id -u`` and root's .profile runs ``mesg``; we read the uid
-    from /proc with shell builtins instead, and only touch the tty when there is one. Root's
+    Debian's /etc/profile runs ``id -u`` and root's .profile runs ``mesg``. The uid test
+    becomes ``[ -O / ]`` (one stat: / belongs to root, so it holds exactly for root; a
+    ``read`` loop over /proc/self/status made every login shell ~40% slower than a raw one,
+    as busybox reads it a byte per syscall), and the tty is touched only when there is one. Root's
     shell is our static busybox sh so ``ssh vm cmd`` starts fast; interactive logins still get
     bash through .profile."""
     profile = root / "etc/profile"
     if profile.exists():
         text = profile.read_text()
-        if '"$(id -u)"' in text:
-            uid = (
-                '_smolvm_uid=""\nwhile read -r _k _v _r; do [ "$_k" = Uid: ] && '
-                "{ _smolvm_uid=$_v; break; }; done < /proc/self/status\n"
-            )
-            text = uid + text.replace('"$(id -u)"', '"${_smolvm_uid:-0}"')
-            profile.write_text(text)
+        if '[ "$(id -u)" -eq 0 ]' in text:
+            profile.write_text(text.replace('[ "$(id -u)" -eq 0 ]', "[ -O / ]"))
     rprof = root / "root/.profile"
     if rprof.exists():
         text = rprof.read_text().replace("mesg n 2> /dev/null || true", "[ -t 0 ] && mesg n 2> /dev/null")

@@ -11,7 +11,6 @@ from smolvm.keys import ensure_client_key, host_key_alias
 from smolvm.state.records import VMRecord
 from smolvm.transports.agent import AgentTransport
 from smolvm.transports.base import Transport
-from smolvm.transports.ssh import SSHTransport
 
 CHANNELS = ("agent", "ssh")
 
@@ -55,6 +54,9 @@ def open_transport(
             f"VM {rec.vm_id} has no recorded SSH host key", "recreate the VM", rec.vm_id
         )
     key, _ = ensure_client_key(keys_dir)
+    # paramiko costs ~45 ms of `import smolvm`; agent-channel users never load it.
+    from smolvm.transports.ssh import SSHTransport
+
     return SSHTransport(
         host,
         port,

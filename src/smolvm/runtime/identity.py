@@ -78,8 +78,13 @@ _IDENTITY_BG = (
     # The SSH server goes to its own cgroup, not this command's session group ($$ would
     # be the parent shell in a subshell: /proc/self is this process).
     "read -r me _ < /proc/self/stat; echo $me > /sys/fs/cgroup/smolvm-ssh/cgroup.procs 2>/dev/null; "
+    # Background work runs at nice 19; the SSH server and its sessions run at the default.
+    "renice 0 -p $me >/dev/null 2>&1; "  # absolute: busybox -n adds
     "/usr/sbin/dropbear -r " + GUEST_HOST_KEY + " -p 22 $pw"
 )
+#: The identity work a restored guest does in the background (spawned at nice 19, not
+#: waited for): its new host key, authorized_keys, /etc/hostname and /etc/hosts, then SSH.
+IDENTITY_BACKGROUND = "exec </dev/null >/dev/null 2>&1; " + _IDENTITY_BG
 _SETTLE = (
     "; i=0; while [ $i -lt 500 ] && ! grep -q ':0016 00000000:0000 0A' /proc/net/tcp "
     "/proc/net/tcp6 2>/dev/null; do usleep 10000; i=$((i+1)); done"
@@ -142,8 +147,10 @@ def push_identity(
 ) -> None:
     """Make a restored guest ``who``: clock, entropy, hostname, SSH keys, env vars.
 
-    Three control ops and one command: under TCG every guest code path runs through the
-    translator the first time, so fewer, shared paths are what keeps a restore fast."""
+    Control ops, a file write and a background command: under TCG every guest code path runs
+    through the translator the first time, so the first command must not wait for a
+    process of ours. Only an SSH server left running by the snapshot (stopped at once) or
+    ``settle`` take the slower way: one command the host waits for."""
     have = have or GuestState()
     refresh_clock_and_entropy(t)
     t.set_hostname(who.hostname)
@@ -151,6 +158,13 @@ def push_identity(
     if have.authorized_keys != who.authorized_keys:
         env["SMOLVM_AUTHKEYS"] = who.authorized_keys
     write_env = have.env_vars is None or who.env_vars != have.env_vars
+    if not settle and not have.sshd_running:
+        if write_env:  # before the first command, which sources it
+            t.write_file(GUEST_ENV_FILE, env_file_text(who.env_vars).encode(), 0o644)
+        bg = ExecRequest(IDENTITY_BACKGROUND, "raw", None, env=env, detach=True, host_work=True)
+        bg.low_priority = True  # nice 19: it yields to the user's first commands
+        t.spawn(bg).forget()
+        return
     if write_env:
         env["SMOLVM_ENVFILE"] = env_file_text(who.env_vars)
     script = identity_script(settle, write_env, have.sshd_running)

@@ -31,7 +31,6 @@ from smolvm.exceptions import (
 )
 from smolvm.host.accel import accel_decision
 from smolvm.images.artifacts import artifacts_for_kernel
-from smolvm.images.builder import ImageBuilder
 from smolvm.images.configdisk import build_config_disk
 from smolvm.keys import HostKey, ensure_client_key, write_known_hosts
 from smolvm.network import NetworkManager
@@ -171,6 +170,8 @@ class Runtime:
                 field="kernel_path" if not config.kernel_path else "rootfs_path",
             )
         # First use builds the image (~1 min): say what is happening on stderr.
+        from smolvm.images.builder import ImageBuilder  # ~7 ms to import; only builds need it
+
         art = ImageBuilder(self.image_dir, progress=progress_to_stderr).ensure_default()
         return config.model_copy(update={"kernel_path": art.kernel, "rootfs_path": art.rootfs})
 
@@ -310,6 +311,8 @@ class Runtime:
             files["env.sh"] = env_file_text(rec.config.env_vars)
         if rec.config.workspace_mounts:
             files["mounts"] = mounts_file(rec)
+        if rec.config.comm_channel == "ssh":
+            files["wait-ssh"] = ""  # the guest announces readiness once SSH listens
         path = spec.vm_dir / "config.tar"
         self.state.add_resource(rec.vm_id, "file", str(path))
         build_config_disk(path, files, {"vm_id": rec.vm_id})

@@ -59,9 +59,11 @@ def _kill_unrecorded_vmm(vm_dir: Path) -> None:
 
 def kill_processes(state: StateStore, vm_id: str) -> None:
     """Kill the VM's recorded processes (waiting until they are gone) and forget them."""
-    for kind in ("process", "helper"):
-        for r in state.resources(vm_id, kind):
-            remove(state, r)
+    rs = [r for kind in ("process", "helper") for r in state.resources(vm_id, kind)]
+    for r in rs:  # signal them all first, so they die in parallel
+        procs.kill(int(r["value"].split(":")[0]), r["value"])
+    for r in rs:
+        remove(state, r)
 
 
 def remove_all(state: StateStore, vm_id: str, *, keep_disk: bool = False) -> None:

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from smolvm.envflags import env_flag
 from smolvm.exceptions import SmolVMError, SnapshotError
-from smolvm.images.artifacts import artifacts_for_kernel
-from smolvm.images.builder import DEFAULT_IMAGE
+from smolvm.images.artifacts import DEFAULT_IMAGE, artifacts_for_kernel
 from smolvm.locks import file_lock
 from smolvm.network.manager import USER_GATEWAY, USER_GUEST_IP
 from smolvm.runtime import Runtime

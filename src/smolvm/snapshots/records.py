@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from smolvm.backends.base import LaunchSpec
+from smolvm.backends.qemu import QEMU_DEFAULT_CPU, TCG_CPU
 from smolvm.exceptions import SnapshotError, SnapshotNotFoundError, ValidationError
 from smolvm.images.artifacts import artifacts_for_kernel
 from smolvm.runtime import Runtime
@@ -190,7 +191,18 @@ def launch_facts(spec: LaunchSpec, net: NetworkInfo) -> dict[str, Any]:
         "net_mode": net.mode,
         "accel": spec.accel,
         "agent_ports": spec.agent_ports,
+        # Not compared: a restore repeats the snapshot's CPU model (restore_spec_cpu).
+        "cpu": spec.cpu or (TCG_CPU if spec.accel == "tcg" else None),
     }
+
+
+def restore_spec_cpu(meta: dict[str, Any]) -> str | None:
+    """The CPU model a restore of a snapshot with ``meta`` must launch with: the one it
+    was taken with (snapshots that predate the record ran QEMU's default model)."""
+    launch = meta.get("launch") or {}
+    if launch.get("accel") != "tcg":
+        return None
+    return launch.get("cpu") or QEMU_DEFAULT_CPU
 
 
 def image_key(config: VMConfig) -> str | None:

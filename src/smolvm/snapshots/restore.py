@@ -23,7 +23,14 @@ from smolvm.runtime.channels import agent_transport
 from smolvm.runtime.identity import GuestState, Identity, push_identity
 from smolvm.runtime.memory import boot_memory
 from smolvm.runtime.overlay import write_overlay
-from smolvm.snapshots.records import LAUNCH_KEYS, SnapshotInfo, get_snapshot, image_key, launch_facts
+from smolvm.snapshots.records import (
+    LAUNCH_KEYS,
+    SnapshotInfo,
+    get_snapshot,
+    image_key,
+    launch_facts,
+    restore_spec_cpu,
+)
 from smolvm.state.records import VMRecord
 from smolvm.types import InternetSettings, VMConfig, VMInfo, VMState
 
@@ -135,6 +142,7 @@ def restore_vm(
         )
     _write_config_disk(rt, rec, spec, snap)
     spec.incoming = snap.path / "state"
+    spec.cpu = restore_spec_cpu(snap.meta)
     if snap.memory == "file":
         spec.memory = MemorySpec(snap.path / "mem", shared=False)
         spec.incoming_ignore_shared = True

@@ -44,6 +44,7 @@ from smolvm.transports.agent_proto import (
     EXEC_DETACH,
     EXEC_HOST,
     EXEC_LIMITS,
+    EXEC_LOWPRIO,
     EXEC_PTY,
     EXEC_STDIN,
     FLAG_EOF,
@@ -298,6 +299,7 @@ class AgentTransport(Transport):
         flags |= EXEC_LIMITS if req.limits is not None else 0
         flags |= EXEC_HOST if req.host_work else 0
         flags |= EXEC_PTY if req.pty else 0
+        flags |= EXEC_LOWPRIO if req.low_priority else 0
         parts = [struct.pack("<IIHH", min(timeout_ms, 0xFFFFFFFF), flags, len(argv), len(env))]
         fields = [(req.cwd or "", "cwd"), *((a, "command") for a in argv), *((e, "env") for e in env)]
         parts += [encode_fields(text, what) + b"\0" for text, what in fields]

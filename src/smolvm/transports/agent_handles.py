@@ -36,6 +36,11 @@ class AgentProcessHandle(ProcessHandle):
             raise OperationTimeoutError(f"process {self.pid} still running after {timeout:g} s", timeout)
         return result(self._s, self._req, self._s.activity - self._start)
 
+    def forget(self) -> None:
+        """Stop following the command (its output and exit are dropped on arrival). A
+        detached command keeps running in the guest."""
+        self._conn.drop_stream(self._sid)
+
     def kill(self, signal: int = 9) -> None:
         """Send ``signal`` to the command's process group in the guest."""
         if not self._s.done.is_set():

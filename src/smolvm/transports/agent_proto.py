@@ -48,7 +48,7 @@ OP_WATCH, OP_WATCH_EVENT = 0x25, 0x44
 (OP_STARTED, OP_STDOUT, OP_STDERR, OP_EXIT, OP_OK, OP_ERROR) = (0x40, 0x41, 0x42, 0x43, 0x7E, 0x7F)
 FLAG_EOF = 0x01
 EXEC_STDIN, EXEC_ENV_REPLACE, EXEC_DETACH, EXEC_LIMITS, EXEC_HOST = 0x01, 0x02, 0x04, 0x08, 0x10
-EXEC_PTY, WATCH_RECURSIVE = 0x20, 0x01
+EXEC_PTY, EXEC_LOWPRIO, WATCH_RECURSIVE = 0x20, 0x40, 0x01
 #: WATCH_EVENT codes (agent.h EV_*) and the names the API reports.
 WATCH_EVENTS = {1: "create", 2: "write", 3: "remove", 4: "rename", 5: "chmod", 6: "overflow"}
 #: Events kept for a watch nobody reads; beyond, they are dropped and one "overflow" says so.

@@ -69,6 +69,9 @@ class ExecRequest:
     limits: Limits | None = None
     #: SmolVM's own work (identity push), not a user command: no session cgroup.
     host_work: bool = False
+    #: Run at the lowest CPU priority (nice 19; agent channel): background work that must
+    #: not slow the user's commands down.
+    low_priority: bool = False
     #: Bytes of each output stream kept for the result (None = all); the rest still reaches
     #: the output callbacks and the result says ``truncated``.
     max_output_bytes: int | None = None
