@@ -70,9 +70,7 @@ class Ours:
             vm.run("true")
             t1 = time.perf_counter()
             if measure_rss:
-                time.sleep(2)
-                self.rss["restored"].append(rss_of(vm.info.pid))
-                self.measure_idle("restored", vm.vm_id)
+                self.idle_costs("restored", vm)
             t2 = time.perf_counter()
         t3 = time.perf_counter()
         self.r["restore_first"].append(t1 - t0)
@@ -93,9 +91,7 @@ class Ours:
         if pool.handed_out == 0 or vm.info.snapshot is None:
             raise RuntimeError("the pool did not serve the sandbox")
         if measure_rss:
-            time.sleep(2)
-            self.rss["pooled"].append(rss_of(vm.info.pid))
-            self.measure_idle("pooled", vm.vm_id)
+            self.idle_costs("pooled", vm)
         t3 = time.perf_counter()
         vm.__exit__(None, None, None)
         self.r["pool_stop"].append(time.perf_counter() - t3)
@@ -111,9 +107,7 @@ class Ours:
             vm.run("true")
             t1 = time.perf_counter()
             if snapshot:
-                time.sleep(2)
-                self.rss["cold"].append(rss_of(vm.info.pid))
-                self.measure_idle("cold", vm.vm_id)
+                self.idle_costs("cold", vm)
                 name = f"bench-{os.getpid()}-{len(self.r['snapshot_file'])}"
                 a = time.perf_counter()
                 info = vm.snapshot(name)
@@ -128,10 +122,14 @@ class Ours:
         else:
             _delete_snapshot(self.d, name)
 
-    def measure_idle(self, kind: str, vm_id: str) -> None:
-        pids = sandbox_pids(vm_id)
+    def idle_costs(self, kind: str, vm) -> None:
+        """After 2 s idle: the QEMU's RSS, then the CPU all the sandbox's host processes use
+        over ``idle_s`` seconds."""
+        time.sleep(2)
+        self.rss[kind].append(rss_of(vm.info.pid))
+        pids = sandbox_pids(vm.vm_id)
         if not pids:
-            raise RuntimeError(f"no host processes found for {vm_id}")
+            raise RuntimeError(f"no host processes found for {vm.vm_id}")
         self.idle_cpu[kind].append(idle_cpu_percent(pids, self.idle_s))
 
     def stream_snapshot_round(self) -> None:

@@ -205,8 +205,10 @@ static void scan_vports(void)
 }
 
 /* The host closed the port: it sends SIGIO on reconnect (O_ASYNC); poll would spin on
- * POLLHUP, so the port leaves the poll set until then. A check 100 ms later covers a
- * reconnect that raced with arming O_ASYNC; a slow timer is the fallback after that. */
+ * POLLHUP, so the port leaves the poll set until then. A host that reconnected before
+ * O_ASYNC was armed sends no SIGIO: one look right after arming catches it (a pool VM
+ * resumed with its old host's close and its new host's open both pending waited for the
+ * 100 ms check before). That check and a slow timer remain the fallback. */
 static void vport_hangup(struct chan *ch)
 {
     if (ch->disconnected) return;
@@ -215,6 +217,11 @@ static void vport_hangup(struct chan *ch)
     fcntl(ch->fd, F_SETOWN, getpid());
     fcntl(ch->fd, F_SETFL, O_RDWR | O_NONBLOCK | O_ASYNC);
     g_next_check = now_ms() + 100;
+    struct pollfd p = {.fd = ch->fd, .events = POLLIN};
+    if (poll(&p, 1, 0) >= 0 && !(p.revents & POLLHUP)) {
+        ch->disconnected = 0;
+        fcntl(ch->fd, F_SETFL, O_RDWR | O_NONBLOCK); /* SIGIO per frame costs latency */
+    }
 }
 
 static int vports_down(void)
