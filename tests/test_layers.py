@@ -14,7 +14,18 @@ import pytest
 SRC = Path(__file__).resolve().parent.parent / "src" / "smolvm"
 MAX_LINES = 600
 #: Third-party packages heavy or optional enough to import inside a function.
-LAZY_OK = {"torch", "transformers", "ray", "mcp", "pyroute2", "anyio", "uvicorn", "starlette", "cryptography", "qemu"}
+LAZY_OK = {
+    "torch",
+    "transformers",
+    "ray",
+    "mcp",
+    "pyroute2",
+    "anyio",
+    "uvicorn",
+    "starlette",
+    "cryptography",
+    "qemu",
+}
 #: Layers, top first. A module may import its own layer and the layers below it (and the
 #: shared leaf modules), never one above. guards and cli sit on top of the public API.
 LAYERS: list[set[str]] = [
