@@ -149,15 +149,10 @@ def launch(
     *,
     stderr: IO[bytes],
     on_spawn: Callable[[int], None] | None = None,
-    early_exec: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` (the VMM) inside a sealed namespace, in a session of its own; returns
     its process once the namespace is ready and the VMM runs (the process *is* the VMM:
-    ``unshare`` and the wrapper ``exec`` into it).
-
-    ``early_exec``: the wrapper execs the VMM as soon as the namespace exists, while the
-    uplink and the policy come up. Only for a VMM that runs no guest code until told to
-    (``-incoming defer``): it still returns only once the policy is loaded."""
+    ``unshare`` and the wrapper ``exec`` into it)."""
     for t in TOOLS + (DOMAIN_TOOLS if sb.settings.domains else ()):
         _tool(t)
     if rootless() and not tun_usable():
@@ -188,8 +183,6 @@ def launch(
         if on_spawn is not None:
             on_spawn(wrapper.pid)  # execs into the VMM: same pid, same start time
         _wait_unshared(wrapper)
-        if early_exec:
-            _release(sb.fifo, wrapper)  # the namespace has no way out until the uplink is up
         uplink = _start_uplink(wrapper.pid, sb, exit_r, ready_w)
         os.close(ready_w)
         ready_w = -1
@@ -199,8 +192,7 @@ def launch(
             egress.start(_ns_flags(wrapper.pid), sb.dir, sb.settings, sb.dns, sb.record_helper, _tool)
         for port in sb.forwards:
             add_forward(sb.api_socket, port)
-        if not early_exec:
-            _release(sb.fifo, wrapper)
+        _release(sb.fifo, wrapper)
         return wrapper
     except BaseException:
         for p in (wrapper, uplink):
