@@ -39,6 +39,11 @@ TCG_CPU = "qemu64,+arat"
 QEMU_DEFAULT_CPU = "qemu64"
 
 
+def guest_cpu(spec: LaunchSpec) -> str | None:
+    """The ``-cpu`` model a TCG launch of ``spec`` uses (None under KVM: ``host``)."""
+    return None if spec.accel == "kvm" else spec.cpu or TCG_CPU
+
+
 def vmm_user(spec: LaunchSpec | None = None) -> str | None:
     """The user QEMU runs as after it has opened its files, or None (it stays as it was
     started): only when we are root, the user exists (``SMOLVM_VMM_USER``, "" disables),
@@ -205,13 +210,14 @@ class QemuBackend(Backend):
         binary = qemu_binary()
         if not binary:
             raise BackendError(f"{QEMU_BIN} not found; run `smolvm setup` or apt-get install qemu-system-x86")
-        if spec.accel == "kvm":
+        cpu = guest_cpu(spec)
+        if cpu is None:
             accel = ["-accel", "kvm", "-cpu", "host"]
         else:
             # Translation cache: only used pages are resident (idle RSS is the same at 32 and
             # 64 MiB), but at 32 a python3 importing a dozen modules flushed it 8 times and
             # ran ~35% slower than at 64 (1 flush).
-            accel = ["-accel", "tcg,tb-size=64", "-cpu", spec.cpu or TCG_CPU]
+            accel = ["-accel", "tcg,tb-size=64", "-cpu", cpu]
         machine = "microvm,acpi=on"
         mem: list[str] = []
         if spec.memory is not None:

@@ -416,7 +416,6 @@ void proc_read(struct proc *pr, int fd)
     }
 }
 
-/* Send EXIT for commands that exited and whose output is drained. */
 /* Groups of finished sessions, released after the main loop flushed their EXIT frames:
  * releasing reads cgroupfs, ~1 ms under TCG that a caller should not wait for. */
 static unsigned g_released[MAX_PROCS];
@@ -427,6 +426,7 @@ void proc_release_groups(void)
     while (g_nreleased > 0) cg_release(g_released[--g_nreleased]);
 }
 
+/* Send EXIT for commands that exited and whose output is drained. */
 void proc_finish(void)
 {
     for (int i = 0; i < MAX_PROCS; i++) {

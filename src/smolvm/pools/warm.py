@@ -37,7 +37,7 @@ from smolvm.exceptions import SmolVMError, ValidationError
 from smolvm.paths import default_socket_dir, resolve_data_dir
 from smolvm.runtime import Runtime, lifetime
 from smolvm.runtime.channels import agent_transport
-from smolvm.runtime.identity import env_file_text
+from smolvm.runtime.identity import put_env_file
 from smolvm.snapshots import (
     IMAGE_REF_PREFIX,
     create_clone,
@@ -47,7 +47,7 @@ from smolvm.snapshots import (
     restore_vm,
 )
 from smolvm.state.records import VMRecord
-from smolvm.transports.base import GUEST_ENV_FILE, ExecRequest
+from smolvm.transports.base import ExecRequest
 from smolvm.types import VMConfig, VMInfo, VMState
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ class WarmPool:
             entropy = _Background(lambda: t.add_entropy(os.urandom(64)))
             t.sync_time()
             if env_vars:
-                t.write_file(GUEST_ENV_FILE, env_file_text(env_vars).encode(), 0o644)
+                put_env_file(t, env_vars)
             entropy.result()
         except BaseException:
             hello.join()

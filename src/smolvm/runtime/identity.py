@@ -46,6 +46,12 @@ def write_guest_env(t: Transport, env: dict[str, str]) -> None:
         raise SmolVMError(f"writing {GUEST_ENV_FILE} failed: {res.stderr.strip()}")
 
 
+def put_env_file(t: AgentTransport, env: dict[str, str]) -> None:
+    """Replace the guest's env file with ``env`` through the agent's atomic file write (no
+    guest process: a restored or resumed guest's first command comes sooner)."""
+    t.write_file(GUEST_ENV_FILE, env_file_text(env).encode(), 0o644)
+
+
 def parse_env_file(text: str) -> dict[str, str]:
     """Inverse of :func:`env_file_text` (parsed with shlex, never executed)."""
     out: dict[str, str] = {}
@@ -160,9 +166,11 @@ def push_identity(
     write_env = have.env_vars is None or who.env_vars != have.env_vars
     if not settle and not have.sshd_running:
         if write_env:  # before the first command, which sources it
-            t.write_file(GUEST_ENV_FILE, env_file_text(who.env_vars).encode(), 0o644)
-        bg = ExecRequest(IDENTITY_BACKGROUND, "raw", None, env=env, detach=True, host_work=True)
-        bg.low_priority = True  # nice 19: it yields to the user's first commands
+            put_env_file(t, who.env_vars)
+        # nice 19: it yields to the user's first commands.
+        bg = ExecRequest(
+            IDENTITY_BACKGROUND, "raw", None, env=env, detach=True, host_work=True, low_priority=True
+        )
         t.spawn(bg).forget()
         return
     if write_env:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from smolvm.backends.base import LaunchSpec
-from smolvm.backends.qemu import QEMU_DEFAULT_CPU, TCG_CPU
+from smolvm.backends.qemu import QEMU_DEFAULT_CPU, guest_cpu
 from smolvm.exceptions import SnapshotError, SnapshotNotFoundError, ValidationError
 from smolvm.images.artifacts import artifacts_for_kernel
 from smolvm.runtime import Runtime
@@ -192,7 +192,7 @@ def launch_facts(spec: LaunchSpec, net: NetworkInfo) -> dict[str, Any]:
         "accel": spec.accel,
         "agent_ports": spec.agent_ports,
         # Not compared: a restore repeats the snapshot's CPU model (restore_spec_cpu).
-        "cpu": spec.cpu or (TCG_CPU if spec.accel == "tcg" else None),
+        "cpu": guest_cpu(spec),
     }
 
 
