@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hostcost import cpu_seconds, pss_kib, sandbox_pids
+from hostcost import idle_cpu_percent, pss_kib, sandbox_pids
 from ours import log
 from stats import summary
 
@@ -46,11 +46,8 @@ def _start(data_dir: Path, pause: bool):
 
 
 def _host_cost(vms: list, seconds: float) -> dict:
-    pids = [p for vm in vms for p in sandbox_pids(vm.vm_id)]
-    a = sum(cpu_seconds(p) for p in pids)
-    t0 = time.monotonic()
-    time.sleep(seconds)
-    cpu = 100.0 * (sum(cpu_seconds(p) for p in pids) - a) / (time.monotonic() - t0)
+    pids = sandbox_pids(*(vm.vm_id for vm in vms))
+    cpu = idle_cpu_percent(pids, seconds)
     return {
         "processes": len(pids),
         "cpu_percent_of_core_all": round(cpu, 2),
@@ -106,7 +103,7 @@ def density(data_dir: Path, running: int, paused: int, rounds: int = 3, workers:
             vms += list(ex.map(lambda _: _start(data_dir, True), range(max(0, paused - running))))
         out["start_and_pause_more_s"] = round(time.perf_counter() - t0, 2)
         out["paused"] = len(vms)
-        pids = [p for vm in vms for p in sandbox_pids(vm.vm_id)]
+        pids = sandbox_pids(*(vm.vm_id for vm in vms))
         out["paused_host"] = {
             "processes": len(pids),
             "pss_mib_all": round(pss_kib(pids) / 1024, 1),

@@ -18,18 +18,20 @@ from stats import summary
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def sandbox_pids(vm_id: str) -> list[int]:
-    """Host processes whose command line names ``vm_id`` (QEMU, slirp4netns, multilog)."""
+def sandbox_pids(*vm_ids: str) -> list[int]:
+    """Host processes whose command line names one of ``vm_ids`` (QEMU, slirp4netns,
+    multilog), found in one pass over /proc."""
     out = []
-    needle = vm_id.encode()
+    needles = [v.encode() for v in vm_ids]
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == os.getpid():
             continue
         try:
-            if needle in Path(f"/proc/{d}/cmdline").read_bytes():
-                out.append(int(d))
+            argv = Path(f"/proc/{d}/cmdline").read_bytes()
         except OSError:
             continue
+        if any(n in argv for n in needles):
+            out.append(int(d))
     return out
 
 

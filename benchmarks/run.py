@@ -49,6 +49,7 @@ from density import density  # benchmarks/ is on sys.path as the script dir
 from hostcost import startup_costs
 from ours import Ours, log
 from peer import Peer
+from stats import ratio
 from targets import check
 
 DEFAULT_PEER_VENV = Path.home() / ".cache" / "smolvm-bench" / "quicksand-venv"
@@ -62,11 +63,6 @@ TARGETS = {
 
 
 # ----------------------------------------------------------------------------- main
-def ratio(peer: float | None, ours: float | None) -> float | None:
-    if not peer or not ours:
-        return None
-    return round(peer / ours, 1)
-
 
 #: What each of our operations' "ready" includes (the JSON carries this).
 DEFINITIONS = {

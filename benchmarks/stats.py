@@ -24,3 +24,10 @@ def summary(xs: list[float], scale: float = 1.0, nd: int = 4) -> dict:
         "min": round(s[0], nd),
         "max": round(s[-1], nd),
     }
+
+
+def ratio(peer: float | None, ours: float | None) -> float | None:
+    """peer / ours to one decimal (bigger: we are faster or smaller); None if either is missing."""
+    if not peer or not ours:
+        return None
+    return round(peer / ours, 1)
